@@ -1,0 +1,1 @@
+"""Benchmarks: `python -m blkif_spec.bench codec|iops` (conventions §9)."""

@@ -1,0 +1,1 @@
+"""Shared hypothesis strategies: one place for unit tests, machines and the fault catalogue."""
