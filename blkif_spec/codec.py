@@ -132,16 +132,18 @@ class Codec:
         _from_container(self.tree, obj, out)
         return tuple(out)
 
+    def field_parts(self, *names: str) -> list[tuple[int, struct.Struct]]:
+        """(byte offset, struct) of each named field, for writers that place fields one by one."""
+        items = _format_items(self.fmt)
+        return [(self.offset(name), struct.Struct("<" + items[self.index(name)])) for name in names]
+
     def field_packer(self, *names: str) -> Callable[..., None]:
         """A writer of only these fields, leaving every other byte of the buffer untouched.
 
         Used to write responses field by field, as SEC-5 (XSA-216) asks: padding is
         never written, so nothing private can leak through it.
         """
-        parts = []
-        for name in names:
-            item = _format_items(self.fmt)[self.index(name)]
-            parts.append((self.offset(name), struct.Struct("<" + item).pack_into))
+        parts = [(off, st.pack_into) for off, st in self.field_parts(*names)]
 
         def pack_fields(buf: Any, offset: int, *values: Any) -> None:
             for (off, pack_into), value in zip(parts, values, strict=True):

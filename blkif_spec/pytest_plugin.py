@@ -8,15 +8,23 @@ option and the accepted values, raised before any test runs.
 
 from __future__ import annotations
 
+import fnmatch
 import os
 import re
 import shutil
+import time
+import tomllib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, Phase, settings
 
-from blkif_spec import catalogue, consts
+from blkif_spec import catalogue, consts, targets
+from blkif_spec import report as report_mod
+from blkif_spec.errors import RuleViolation
 
 DEFAULT_HEADER = Path("/usr/include/xen/io/blkif.h")
 _TARGET = re.compile(r"^(reference|live|[A-Za-z_][\w.]*:[A-Za-z_]\w*)$")
@@ -80,6 +88,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help=f"C blkif.h for the layout check (default {DEFAULT_HEADER})")  # fmt: skip
     group.addoption("--conformance-report", type=Path, default=None, dest="conformance_report",
                     help="write report.json and report.md into this directory")  # fmt: skip
+    group.addoption("--blkif-rules", default=None, dest="blkif_rules",
+                    help="run only tests marked with one of these rule IDs (comma-separated)")  # fmt: skip
     group.addoption("--known-failures", type=Path, default=None, dest="known_failures",
                     help="TOML file of accepted divergences")  # fmt: skip
 
@@ -91,11 +101,20 @@ def pytest_configure(config: pytest.Config) -> None:
         "needs(*features): features the target must offer, else SKIP with the reason",
     ):
         config.addinivalue_line("markers", line)
+    run = _Run(config)
+    config.stash[_RUN_KEY] = run
+    config.pluginmanager.register(run, "blkif-run")
 
 
 def rule_ids(item: pytest.Item) -> tuple[str, ...]:
     """The rule IDs of every `rule` marker on a test, in order."""
     return tuple(rid for mark in item.iter_markers("rule") for rid in mark.args)
+
+
+def _selected(marked: tuple[str, ...], wanted: set[str]) -> bool:
+    """A test checks a wanted rule directly, as a sub-clause of it, or as its parent."""
+    return any(r in wanted or r.split(".", 1)[0] in wanted or any(w.split(".", 1)[0] == r for w in wanted)
+               for r in marked)  # fmt: skip
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -104,6 +123,15 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     if bad:
         raise pytest.UsageError("unknown rule IDs in @pytest.mark.rule (not in the catalogue):\n  "
                                 + "\n  ".join(bad))  # fmt: skip
+    wanted = config.getoption("blkif_rules")
+    if wanted:
+        ids = {r.strip() for r in wanted.split(",") if r.strip()}
+        unknown = sorted(r for r in ids if not catalogue.known(r))
+        if unknown:
+            raise pytest.UsageError(f"--blkif-rules: unknown rule IDs {', '.join(unknown)}")
+        keep = [item for item in items if _selected(rule_ids(item), ids)]
+        config.hook.pytest_deselected(items=[item for item in items if item not in keep])
+        items[:] = keep
 
 
 # -- the C header under review (layout check, WIRE-1/3/4) --------------------------------------
@@ -144,3 +172,271 @@ def require_abi(result, abi: str) -> None:
     if abi == consts.X86_32_ABI and multilib_expected():
         pytest.fail(f"gcc-multilib is installed but x86_32-abi was not checked: {reason}")
     pytest.skip(f"{abi}: {reason}")
+
+
+# -- targets, verdicts and the conformance report ------------------------------------------------
+
+
+@dataclass
+class KnownFailure:
+    rule: str
+    reason: str
+    target: str = "*"
+    test: str = "*"
+    used: bool = False
+
+
+def _load_known_failures(path: Path | None) -> list[KnownFailure]:
+    if path is None:
+        return []
+    try:
+        data = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise pytest.UsageError(f"--known-failures {path}: {exc}") from None
+    entries = []
+    for i, entry in enumerate(data.get("accept", [])):
+        rule = entry.get("rule")
+        if not isinstance(rule, str) or not catalogue.known(rule):
+            raise pytest.UsageError(f"--known-failures {path}: [[accept]] #{i + 1}: unknown rule {rule!r}")
+        if not entry.get("reason"):
+            raise pytest.UsageError(f"--known-failures {path}: [[accept]] #{i + 1} ({rule}): reason missing")
+        entries.append(KnownFailure(rule, entry["reason"], entry.get("target", "*"), entry.get("test", "*")))
+    return entries
+
+
+class _Run:
+    """Per-session state on the controller: targets, known failures, collected results."""
+
+    def __init__(self, config: pytest.Config) -> None:
+        self.strict = bool(config.getoption("blkif_strict"))
+        self.timeout = config.getoption("blkif_timeout") or 2.0
+        self.abi = config.getoption("blkif_abi")
+        self.specs = {role: config.getoption(role) for role in ("backend", "frontend")}
+        try:
+            self.factories = {role: targets.load(spec, role) for role, spec in self.specs.items()}
+        except LookupError as exc:
+            raise pytest.UsageError(str(exc)) from None
+        self.known = _load_known_failures(config.getoption("known_failures"))
+        self.report = report_mod.Report(
+            targets={role: {"kind": "module" if ":" in spec else spec, "name": spec, "versions": {}}
+                     for role, spec in self.specs.items()},
+            strict=self.strict,
+        )  # fmt: skip
+        self.started = time.monotonic()
+
+    def target_name(self, role: str) -> str:
+        return self.specs[role]
+
+    def reproduce(self, nodeid: str) -> str:
+        opts = " ".join(f"--{role}={spec}" for role, spec in self.specs.items() if spec != "reference")
+        return f"pytest '{nodeid}' {opts}".strip()
+
+    # -- hooks of the controller (registered as a plugin in pytest_configure) ----------------
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        info = next((v for k, v in report.user_properties if k == "blkif"), None)
+        if info is None:
+            return
+        variants = dict(v for k, v in report.user_properties if k == "variant")
+        for key, value in report.user_properties:
+            if key == "negotiated" and self.report.negotiated is None:
+                self.report.negotiated = value
+        message = None
+        if info["verdict"] in ("fail", "timeout", "error", "warn", "known"):
+            message = str(report.longrepr)[-4000:]
+        elif info["verdict"] == "skip" and isinstance(report.longrepr, tuple):
+            message = str(report.longrepr[2])
+        failed = info["verdict"] in ("fail", "timeout", "error")
+        self.report.tests.append(report_mod.TestResult(
+            report.nodeid, report.outcome, info["verdict"], info["rules"], report.duration, message,
+            self.reproduce(report.nodeid) if failed else None, variants,
+        ))  # fmt: skip
+
+    def pytest_sessionfinish(self, session: pytest.Session) -> None:
+        if hasattr(session.config, "workerinput"):
+            return  # xdist worker: the controller writes the report
+        self.report.duration_s = time.monotonic() - self.started
+        directory = session.config.getoption("conformance_report")
+        if directory is not None:
+            self.report.write(directory)
+
+    def pytest_terminal_summary(self, terminalreporter: Any) -> None:
+        if not self.report.tests:
+            return
+        rows = self.report.rules()
+        tested = [r for r in rows if r["verdict"] != "untested"]
+        summary = self.report.summary([r for r in rows if r["enforcement"] != "harness"])
+        tr = terminalreporter
+        tr.section("blkif conformance")
+        tr.write_line(f"backend: {self.specs['backend']}   frontend: {self.specs['frontend']}   "
+                      f"rules exercised: {len(tested)} of {len(rows)}")  # fmt: skip
+        shown = [v for v in report_mod.VERDICTS if any(c.get(v) for c in summary.values())]
+        tr.write_line(f"{'':<12}" + "".join(f"{v:>9}" for v in shown))
+        for key in sorted(summary, key=lambda k: (k.startswith("area:"), k)):
+            counts = summary[key]
+            tr.write_line(
+                f"{key.removeprefix('area:'):<12}" + "".join(f"{counts.get(v, 0):>9}" for v in shown)
+            )
+        for row in rows:
+            if row["verdict"] in ("fail", "timeout", "error", "warn"):
+                tr.write_line(f"{row['verdict'].upper():<8} {row['id']:<10} {row['summary']}")
+        for entry in self.known:
+            if not entry.used:
+                tr.write_line(f"known-failures: {entry.rule} accepted but passing: remove the entry")
+
+
+_RUN_KEY = pytest.StashKey[_Run]()
+
+
+def _run(config: pytest.Config) -> _Run:
+    return config.stash[_RUN_KEY]
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    run = _run(config)
+    return [f"blkif: backend={run.specs['backend']} frontend={run.specs['frontend']} abi={run.abi} "
+            f"timeout={run.timeout:g}s strict={run.strict}"]  # fmt: skip
+
+
+def _factory_fixture(request: pytest.FixtureRequest, role: str, cls: type) -> Iterator[Callable[..., Any]]:
+    run = _run(request.config)
+    made: list[Any] = []
+
+    def make(**kwargs: Any) -> Any:
+        env = cls(run.factories[role], timeout=run.timeout, **kwargs)
+        made.append(env)
+        return env
+
+    yield make
+    errors = []
+    for env in made:
+        try:
+            env.close()
+        except Exception as exc:  # reported after every environment got its chance to close
+            errors.append(exc)
+    if errors:
+        raise errors[0]
+
+
+@pytest.fixture
+def backend_under_test(request: pytest.FixtureRequest) -> Iterator[Callable[..., Any]]:
+    """`make(**options)` -> a `BackendUnderTest` of `--backend` (closed after the test)."""
+    from blkif_spec.harness import BackendUnderTest
+
+    run = _run(request.config)
+
+    def cls(factory: Any, **kwargs: Any) -> Any:
+        return BackendUnderTest(factory, abi=kwargs.pop("abi", run.abi), **kwargs)
+
+    yield from _factory_fixture(request, "backend", cls)
+
+
+@pytest.fixture
+def frontend_under_test(request: pytest.FixtureRequest) -> Iterator[Callable[..., Any]]:
+    """`make(**options)` -> a `FrontendUnderTest` of `--frontend` (closed after the test)."""
+    from blkif_spec.harness import FrontendUnderTest
+
+    yield from _factory_fixture(request, "frontend", FrontendUnderTest)
+
+
+# Module-scoped twins, for one observation that several tests judge (each with its own rules
+# and verdict): a recorded startup, or a series of hostile negotiations run back to back. The
+# module's fixture records what it saw and closes its environments; tests never share a live one.
+
+
+@pytest.fixture(scope="module")
+def shared_backend_under_test(request: pytest.FixtureRequest) -> Iterator[Callable[..., Any]]:
+    """Like `backend_under_test`, closed at the end of the module."""
+    from blkif_spec.harness import BackendUnderTest
+
+    run = _run(request.config)
+
+    def cls(factory: Any, **kwargs: Any) -> Any:
+        return BackendUnderTest(factory, abi=kwargs.pop("abi", run.abi), **kwargs)
+
+    yield from _factory_fixture(request, "backend", cls)
+
+
+@pytest.fixture(scope="module")
+def shared_frontend_under_test(request: pytest.FixtureRequest) -> Iterator[Callable[..., Any]]:
+    """Like `frontend_under_test`, closed at the end of the module."""
+    from blkif_spec.harness import FrontendUnderTest
+
+    yield from _factory_fixture(request, "frontend", FrontendUnderTest)
+
+
+@pytest.fixture
+def record_variant(request: pytest.FixtureRequest) -> Callable[[str, str], None]:
+    """Record which listed variant of a `variant` rule the target showed (conventions §4)."""
+
+    def record(rule_id: str, variant: str) -> None:
+        catalogue.get(rule_id)
+        request.node.user_properties.append(("variant", (rule_id, variant)))
+
+    return record
+
+
+@pytest.fixture
+def record_negotiated(request: pytest.FixtureRequest) -> Callable[[Any], None]:
+    def record(negotiated: Any) -> None:
+        request.node.user_properties.append(("negotiated", negotiated.as_report()))
+
+    return record
+
+
+def _verdict(item: pytest.Item, call: pytest.CallInfo, report: pytest.TestReport) -> str:
+    from blkif_spec.xen.api import XenTimeout
+
+    if report.passed:
+        return "pass"
+    if report.skipped:
+        return "skip"
+    exc = call.excinfo.value if call.excinfo else None
+    if isinstance(exc, BaseExceptionGroup):
+        # hypothesis' FlakyFailure: a nondeterministic target failed, then passed on replay.
+        # Judge what it raised when it failed (a fail stays a fail, a timeout a timeout).
+        leaves = [e for e in exc.exceptions if not isinstance(e, BaseExceptionGroup)]
+        if leaves and all(isinstance(e, XenTimeout) for e in leaves):
+            exc = leaves[0]
+        elif leaves and all(isinstance(e, (AssertionError, RuleViolation)) for e in leaves):
+            exc = leaves[0]
+    if isinstance(exc, XenTimeout):
+        return "timeout"
+    if report.when != "call" or not isinstance(exc, (AssertionError, RuleViolation)):
+        return "error"
+    return "fail"
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Iterator[None]:
+    report: pytest.TestReport = yield
+    rules = list(rule_ids(item))
+    if report.when == "call" or (report.when == "setup" and not report.passed) or report.failed:
+        verdict = _verdict(item, call, report)
+        run = _run(item.config)
+        if verdict in ("fail", "timeout", "error") and rules:
+            enforcements = {catalogue.get(r).enforcement for r in rules}
+            if verdict == "fail" and enforcements <= {"should", "info", "harness"} and not run.strict:
+                verdict = "warn"
+            elif _accepted(run, item, rules):
+                verdict = "known"
+            if verdict in ("warn", "known"):
+                report.sections.append((f"blkif {verdict}", str(report.longrepr)))
+                report.outcome = "passed"
+        if report.failed and rules:
+            hint = "  (hypothesis prints @reproduce_failure when it applies)"
+            report.sections.append(("reproduce", run.reproduce(item.nodeid) + hint))
+        report.user_properties.append(("blkif", {"verdict": verdict, "rules": rules}))
+    return report
+
+
+def _accepted(run: _Run, item: pytest.Item, rules: list[str]) -> bool:
+    for entry in run.known:
+        if (
+            entry.rule in rules
+            and fnmatch.fnmatch(item.nodeid, entry.test)
+            and any(fnmatch.fnmatch(run.target_name(role), entry.target) for role in ("backend", "frontend"))
+        ):
+            entry.used = True
+            return True
+    return False

@@ -302,6 +302,13 @@ class SharedRing:
             raise ValueError(f"{n} bytes do not fit a {self.entry_size}-byte ring slot (WIRE-1)")
         view[:n] = data
 
+    def write_at(self, idx: int, offset: int, data: Buffer) -> None:
+        """Write `data` at `offset` inside the slot for `idx`, nothing else (SEC-5: fields, not padding)."""
+        n = len(data)
+        if offset < 0 or offset + n > self.entry_size:
+            raise ValueError(f"{n} bytes at offset {offset} do not fit a {self.entry_size}-byte ring slot")
+        self._slots[idx & self.mask][offset : offset + n] = data
+
     def slot_view(self, idx: int) -> memoryview:
         """The live view of the slot for `idx` (for in-place encoders; readers should use `read_slot`)."""
         return self._slots[idx & self.mask]

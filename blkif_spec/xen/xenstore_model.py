@@ -448,6 +448,8 @@ class Session:
         assert parent is not None
         if check and not self._can(node.perms, write=True):
             raise XsError("EACCES", path)
+        for p, n in _walk(path, node):  # the subtree as it was: re-creating a node in it later in
+            self._seen(tx, p, n)  # this transaction must not read as "absent at the start" (EAGAIN)
         changes = [Change(path, perms=(node.perms,))]
         changes += [Change(p, exact=True, perms=(n.perms,)) for p, n in _walk(path, node) if p != path]
         del parent.children[path.rsplit("/", 1)[1]]
