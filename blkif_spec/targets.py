@@ -100,7 +100,9 @@ def _known(cls: type, options: dict[str, Any]) -> dict[str, Any]:
 
 
 class ReferenceBackend:
-    """The reference backend as a target."""
+    """The reference backend as a target. Variants (the fault catalogue) override `backend_class`."""
+
+    backend_class: type[Backend] = Backend
 
     name = "reference"
     versions: dict[str, str] = {}  # noqa: RUF012 - a plain description, never mutated
@@ -108,7 +110,7 @@ class ReferenceBackend:
     def __init__(self, xen: XenServices, config: TargetConfig) -> None:
         if config.store is None:
             raise ValueError("the reference backend needs config.store (its disk)")
-        self.backend = Backend(xen, config.vbd.backend_path, config.store,
+        self.backend = self.backend_class(xen, config.vbd.backend_path, config.store,
                                BackendConfig(**_known(BackendConfig, config.options)))  # fmt: skip
 
     def start(self) -> None:
@@ -123,14 +125,19 @@ class ReferenceBackend:
 
 
 class ReferenceFrontend:
-    """The reference frontend as a target: `start()` connects on a thread of its own."""
+    """The reference frontend as a target: `start()` connects on a thread of its own.
+
+    Variants (the fault catalogue) override `frontend_class`.
+    """
+
+    frontend_class: type[Frontend] = Frontend
 
     name = "reference"
     versions: dict[str, str] = {}  # noqa: RUF012
 
     def __init__(self, xen: XenServices, config: TargetConfig) -> None:
         options = {"timeout": config.timeout, **_known(FrontendConfig, config.options)}
-        self.frontend = Frontend(xen, config.vbd.frontend_path, FrontendConfig(**options))
+        self.frontend = self.frontend_class(xen, config.vbd.frontend_path, FrontendConfig(**options))
         self._thread: threading.Thread | None = None
         self.error: BaseException | None = None
 

@@ -25,6 +25,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
+from typing import ClassVar
 
 from blkif_spec import consts, wire, xenbus
 from blkif_spec.consts import XenbusState
@@ -172,6 +173,9 @@ class Backend:
     path: str  # backend device directory
     store: BackingStore
     config: BackendConfig = field(default_factory=BackendConfig)
+
+    #: The ring server class; a variant of the backend (the fault catalogue) swaps in its own.
+    server_class: ClassVar[type[RingServer]] = RingServer
 
     def __post_init__(self) -> None:
         self.evtchn = self.xen.evtchn.open()  # our ports' events come to us only
@@ -351,7 +355,7 @@ class Backend:
         fe_tree = xsutil.read_tree(self.xen.store, self.frontend_path)
         be_tree = xsutil.read_tree(self.xen.store, self.path)
         try:
-            rings = xenbus.read_rings(fe_tree, be_tree)  # MPR-2/3, MQ-2..5, SEC-8
+            rings = self._read_rings(fe_tree, be_tree)  # MPR-2/3, MQ-2..5, SEC-8
             abi = wire.abi_for_protocol(fe_tree.get("protocol"), host_is_x86=c.host_is_x86)
         except RuleViolation as v:
             self._fatal(v)
@@ -359,7 +363,6 @@ class Backend:
         except ValueError as exc:  # DIV-10: an unknown protocol string; refused, as Linux does
             self._fatal(RuleViolation("DIV-10", "x86_32-abi, x86_64-abi or arm-abi", str(exc)))
             return
-        order = int(fe_tree.get("ring-page-order", "0"))
         disk = Disk(self.store, c.sector_size, self.readonly)
         features = Features(flush=c.flush, barrier=c.barrier, discard=self._discard,
                             discard_secure=c.discard_secure, max_indirect_segments=c.max_indirect_segments,
@@ -369,6 +372,7 @@ class Backend:
                             unsupported_ops=frozenset(c.unsupported_ops))  # fmt: skip
         try:
             for r in rings:
+                order = len(r.grefs).bit_length() - 1  # 2^ring-page-order grants (MPR-2, MQ-5)
                 mapping = self.xen.grants.map(self.frontend_id, list(r.grefs), readonly=False)
                 initial = bytes(mapping.buf[: consts.PAGE_SIZE << order])
                 shared = _ring_over(mapping, order, abi.entry_size)
@@ -380,7 +384,7 @@ class Backend:
                     shared.release()
                     mapping.unmap()
                     raise
-                server = RingServer(ring, abi.name, self.xen.grants, self.frontend_id, disk, features)
+                server = self.server_class(ring, abi.name, self.xen.grants, self.frontend_id, disk, features)
                 queue = _Queue(mapping, shared, server, port, initial=initial)
                 self._queues.append(queue)
                 self._by_port[port] = queue
@@ -393,14 +397,8 @@ class Backend:
             self._fatal(v)
             return
         p, st = self.path, self.xen.store
-        info = consts.VDISK_READONLY if self.readonly else 0
-        props = {  # XK-9: device properties before Connected
-            "sectors": self.store.size // consts.SECTOR_SIZE,
-            "info": info,
-            "sector-size": c.sector_size,
-            "physical-sector-size": c.physical_sector_size or c.sector_size,
-            **self._late_keys,  # publish_features="connected": Linux's timing (SM-10)
-        }
+        # XK-9: device properties before Connected; publish_features="connected": Linux's timing (SM-10)
+        props = {**self._device_properties(), **self._late_keys}
 
         def publish(t) -> None:
             for key, value in props.items():
@@ -417,6 +415,20 @@ class Backend:
         for q in self._queues:  # requests may already be waiting (SM-28: a resumed frontend)
             if q.worker is None:
                 self._kick(q)
+
+    def _read_rings(self, fe_tree: dict[str, str], be_tree: dict[str, str]) -> list[xenbus.Ring]:
+        """The rings the frontend's keys name, as `xenbus.read_rings` reads them (a fault-catalogue hook)."""
+        return xenbus.read_rings(fe_tree, be_tree)
+
+    def _device_properties(self) -> dict[str, int | str]:
+        """The device properties `_connect` publishes before Connected (XK-9; a fault-catalogue hook)."""
+        c = self.config
+        return {
+            "sectors": self.store.size // consts.SECTOR_SIZE,
+            "info": consts.VDISK_READONLY if self.readonly else 0,
+            "sector-size": c.sector_size,
+            "physical-sector-size": c.physical_sector_size or c.sector_size,
+        }
 
     def _disconnect(self) -> None:
         with self._lock:

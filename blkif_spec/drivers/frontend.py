@@ -20,6 +20,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from blkif_spec import codec, consts, wire, xenbus
 from blkif_spec.consts import BlkifOp, XenbusState
@@ -112,6 +113,9 @@ class RawQueue:
 class Frontend:
     """One vbd as seen from the guest: connect, do I/O, close."""
 
+    #: The front ring class; a variant of the frontend (the fault catalogue) swaps in its own.
+    ring_class: ClassVar[type[FrontRing]] = FrontRing
+
     def __init__(self, xen: XenServices, path: str, config: FrontendConfig | None = None) -> None:
         self.xen = xen
         self.evtchn = xen.evtchn.open()  # our ports' events come to us only
@@ -140,37 +144,27 @@ class Frontend:
 
     # -- XenBus ----------------------------------------------------------------------------------
 
-    def connect(self) -> xenbus.Negotiated:
-        """Run the documented startup (SM-3, SM-5) to Connected; every wait is bounded."""
-        st, c = self.xen.store, self.config
-        backend = st.read(f"{self.path}/backend")
-        backend_id = xsutil.read_int(st, f"{self.path}/backend-id")
+    def _find_backend(self) -> None:
+        """The toolstack's `backend` and `backend-id` keys (XK-F1, XK-F2), which must exist."""
+        backend = self.xen.store.read(f"{self.path}/backend")
+        backend_id = xsutil.read_int(self.xen.store, f"{self.path}/backend-id")
         if backend is None or backend_id is None:
             raise XenError(f"{self.path}: toolstack keys backend/backend-id missing (XK-F1, XK-F2)")
         self.backend_path, self.backend_id = backend, backend_id
+
+    def connect(self) -> xenbus.Negotiated:
+        """Run the documented startup (SM-3, SM-5) to Connected; every wait is bounded."""
+        st, c = self.xen.store, self.config
+        self._find_backend()
         self._wait_backend({XenbusState.InitWait, XenbusState.Connected}, "backend InitWait (SM-2)")
         be_tree = xsutil.read_tree(st, self.backend_path)
-        order = xenbus.choose_ring_order(be_tree, c.max_ring_page_order)
-        nqueues = xenbus.choose_queues(be_tree, c.max_queues)
+        nqueues, order = self._choose(be_tree)
         self._setup_rings(nqueues, order)
         keys = xenbus.frontend_transport(
             order=order, grefs=[q.ring_grefs for q in self._queues], ports=[q.port for q in self._queues],
             protocol=c.protocol, persistent=c.persistent,
         )  # fmt: skip
-
-        def publish(t) -> None:
-            # A previous connection's keys must not survive a reconnect: a stale ring-ref0 or
-            # queue-1/ would be read instead of what we write now (MPR-2, MQ-3).
-            for name in t.directory(self.path):
-                if is_transport_key(name):
-                    t.rm(f"{self.path}/{name}")
-            for key, value in keys.items():
-                if value == "":
-                    t.mkdir(f"{self.path}/{key}")  # `queue-N` directory nodes (MQ-4, PYXS-10)
-                else:
-                    t.write(f"{self.path}/{key}", value)
-
-        st.transact(publish)
+        self._publish(keys)
         if self.raw_before_initialised is not None:
             self.raw_before_initialised(st, dict(keys))
         self._switch(XenbusState.Initialised)  # XK-8: after every transport key
@@ -184,6 +178,30 @@ class Frontend:
         self._switch(XenbusState.Connected)
         self._start_watcher()
         return self.negotiated
+
+    # `_choose` and `_publish` are the steps of `connect` a variant (the fault catalogue) overrides.
+
+    def _choose(self, be_tree: dict[str, str]) -> tuple[int, int]:
+        """(queues, ring order) within the backend's offer and our wishes (MQ-2, MPR-1)."""
+        queues = xenbus.choose_queues(be_tree, self.config.max_queues)
+        return queues, xenbus.choose_ring_order(be_tree, self.config.max_ring_page_order)
+
+    def _publish(self, keys: dict[str, str]) -> None:
+        """Write the transport keys in one transaction, before Initialised (XK-8)."""
+
+        def publish(t) -> None:
+            # A previous connection's keys must not survive a reconnect: a stale ring-ref0 or
+            # queue-1/ would be read instead of what we write now (MPR-2, MQ-3).
+            for name in t.directory(self.path):
+                if is_transport_key(name):
+                    t.rm(f"{self.path}/{name}")
+            for key, value in keys.items():
+                if value == "":
+                    t.mkdir(f"{self.path}/{key}")  # `queue-N` directory nodes (MQ-4, PYXS-10)
+                else:
+                    t.write(f"{self.path}/{key}", value)
+
+        self.xen.store.transact(publish)
 
     def _start_watcher(self) -> None:
         """Follow the backend while connected: resize (XK-10) and backend-initiated close (SM-21)."""
@@ -211,19 +229,23 @@ class Frontend:
                     continue
                 state = self.backend_state()
                 with self._lock:
-                    if stop.is_set():
-                        return
-                    if state == XenbusState.Connected:
-                        self.refresh()  # XK-10: a rewritten Connected may carry a new size
-                    elif state in (XenbusState.Closing, XenbusState.Closed):
-                        # SM-21: stop using the device and go straight to Closed, as Linux does.
-                        self.detached = True
-                        self._switch(XenbusState.Closed)
+                    if stop.is_set() or self._backend_changed(state):
                         return
         except XenError:
             pass  # our domain was destroyed, or XenStore went away: nothing more to follow
         finally:
             watch.close()
+
+    def _backend_changed(self, state: XenbusState) -> bool:
+        """React to the backend's state while connected; True once there is nothing more to follow."""
+        if state == XenbusState.Connected:
+            self.refresh()  # XK-10: a rewritten Connected may carry a new size
+        elif state in (XenbusState.Closing, XenbusState.Closed):
+            # SM-21: stop using the device and go straight to Closed, as Linux does.
+            self.detached = True
+            self._switch(XenbusState.Closed)
+            return True
+        return False
 
     def _read_properties(self, be_tree: dict[str, str]) -> None:
         """XK-9: sectors, info and sector-size are mandatory once the backend is Connected."""
@@ -308,7 +330,7 @@ class Frontend:
         for i in range(nqueues):
             pages = g.alloc_pages(1 << order)
             shared = SharedRing(pages.buf, order, self._abi.entry_size)
-            ring = FrontRing(shared)
+            ring = self.ring_class(shared)
             ring.init(self.config.ring_start)  # WIRE-8, RING-11: only the frontend initialises the page
             grefs = [g.grant(self.backend_id, frame, readonly=False) for frame in pages.frames]
             port = ev.alloc_unbound(self.backend_id)
@@ -679,11 +701,7 @@ class Frontend:
         from the backend's current offer; given, they are used as they are, beyond the offer too.
         """
         st, c = self.xen.store, self.config
-        backend = st.read(f"{self.path}/backend")
-        backend_id = xsutil.read_int(st, f"{self.path}/backend-id")
-        if backend is None or backend_id is None:
-            raise XenError(f"{self.path}: toolstack keys backend/backend-id missing (XK-F1, XK-F2)")
-        self.backend_path, self.backend_id = backend, backend_id
+        self._find_backend()
         self.disabled = self.detached = False
         be_tree = xsutil.read_tree(st, self.backend_path)
         order = xenbus.choose_ring_order(be_tree, c.max_ring_page_order) if order is None else order

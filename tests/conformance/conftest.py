@@ -238,3 +238,39 @@ def attach_judged(env: FrontendUnderTest, rules: dict[str, str]) -> None:
         for rule, as_rule in rules.items():
             expect_empty(as_rule, [f for f in findings if f.rule == rule], "findings in the frontend's tree")
         raise
+
+
+def settle(env: Any, side: str, states: set, within: float | None = None) -> int:
+    """Poll `side`'s state until it is in `states` or `within` s (default: the bound) passed; return it."""
+    deadline = time.monotonic() + (env.timeout if within is None else within)
+    while True:
+        state = env.state(side)
+        if state in states or time.monotonic() >= deadline:
+            return state
+        time.sleep(0.002)
+
+
+def released(env: Any) -> dict[str, list[int]]:
+    """What the target still holds (grants, mappings, ports), once it let go or the bound passed."""
+    deadline = time.monotonic() + env.timeout
+    while (held := env.leaks()) and time.monotonic() < deadline:
+        time.sleep(0.005)
+    return held
+
+
+def payload(i: int, salt: int = 0, tag: bytes = b"io") -> bytes:
+    """512 bytes no other (tag, i, salt) gives, never all zeros."""
+    return (tag[:2] + i.to_bytes(3, "little") + salt.to_bytes(3, "little")) * 64
+
+
+def seen(status: int, data: bytes, want: bytes) -> str:
+    """A READ's outcome in a few words (a sector of bytes makes an unreadable message)."""
+    if status != int(consts.BlkifRsp.OKAY):
+        return f"status {status}"
+    if data == want:
+        return "OKAY, the data written"
+    return f"OKAY, other data ({len(data)} bytes: {data[:8].hex()}…)"
+
+
+def check_read(rule: str, status: int, data: bytes, want: bytes, what: str) -> None:
+    expect(rule, "OKAY, the data written", seen(status, data, want), what)

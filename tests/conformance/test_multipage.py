@@ -18,6 +18,8 @@ no key of an earlier connection behind after reconnecting to another offer.
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 
 from blkif_spec import consts, xenbus
@@ -30,13 +32,18 @@ from tests.conformance.conftest import (
     REFUSED,
     attach_judged,
     backend_offer,
+    check_read,
     connect_edited,
     expect,
     expect_empty,
     require,
 )
+from tests.conformance.conftest import (
+    payload as tagged_payload,
+)
 
 OKAY = int(BlkifRsp.OKAY)
+payload = partial(tagged_payload, tag=b"mp")  # 512 distinct bytes per (i, salt)
 READ, WRITE = int(BlkifOp.READ), int(BlkifOp.WRITE)
 CONNECTED = XenbusState.Connected
 SPP = consts.SECTORS_PER_PAGE
@@ -46,26 +53,6 @@ ORDERS = range(consts.MAX_RING_PAGE_ORDER + 1)  # MPR-5: Linux's cap, the most t
 def offered_order(tree: dict[str, str]) -> int:
     """The largest ring order a backend tree offers (MAX of both key schemes, absent ⇒ 0)."""
     return xenbus.max_ring_order_offered(tree)
-
-
-def payload(i: int, salt: int = 0) -> bytes:
-    """512 bytes no other (i, salt) gives, never all zeros."""
-    return (b"mp" + i.to_bytes(3, "little") + salt.to_bytes(3, "little")) * 64
-
-
-def seen(status: int, data: bytes, want: bytes) -> str:
-    """A READ's outcome in a few words (a sector of bytes makes an unreadable message)."""
-    if status != OKAY:
-        return f"status {status}"
-    return (
-        "OKAY, the data written"
-        if data == want
-        else f"OKAY, other data ({len(data)} bytes: {data[:8].hex()}…)"
-    )
-
-
-def check_read(rule: str, status: int, data: bytes, want: bytes, what: str) -> None:
-    expect(rule, "OKAY, the data written", seen(status, data, want), what)
 
 
 def fill_and_wrap(env: BackendUnderTest, rule: str, size: int, *, queue: int = 0) -> None:

@@ -19,6 +19,7 @@ requests each ring carried.
 from __future__ import annotations
 
 import time
+from functools import partial
 
 import pytest
 from hypothesis import given
@@ -34,13 +35,18 @@ from tests.conformance.conftest import (
     REFUSED,
     attach_judged,
     backend_offer,
+    check_read,
     connect_edited,
     expect,
     expect_empty,
     require,
 )
+from tests.conformance.conftest import (
+    payload as tagged_payload,
+)
 
 OKAY = int(BlkifRsp.OKAY)
+payload = partial(tagged_payload, tag=b"mq")  # 512 distinct bytes per (i, salt)
 READ, WRITE = int(BlkifOp.READ), int(BlkifOp.WRITE)
 CONNECTED = XenbusState.Connected
 SPP = consts.SECTORS_PER_PAGE
@@ -51,25 +57,6 @@ MAX_BUILT = 16  # the most queues the suite lays out for a count above the offer
 def offered_queues(tree: dict[str, str]) -> int:
     """`multi-queue-max-queues` read leniently (absent or junk ⇒ 1)."""
     return xenbus.choose_queues(tree, 1 << 16)
-
-
-def payload(i: int, salt: int = 0) -> bytes:
-    """512 bytes no other (i, salt) gives, never all zeros."""
-    return (b"mq" + i.to_bytes(3, "little") + salt.to_bytes(3, "little")) * 64
-
-
-def seen(status: int, data: bytes, want: bytes) -> str:
-    if status != OKAY:
-        return f"status {status}"
-    return (
-        "OKAY, the data written"
-        if data == want
-        else f"OKAY, other data ({len(data)} bytes: {data[:8].hex()}…)"
-    )
-
-
-def check_read(rule: str, status: int, data: bytes, want: bytes, what: str) -> None:
-    expect(rule, "OKAY, the data written", seen(status, data, want), what)
 
 
 def disabled(rule: str, exc: DeviceDisabled) -> None:

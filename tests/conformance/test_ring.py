@@ -245,8 +245,10 @@ def test_a_full_ring_is_answered(connected_backend, slots, record_variant) -> No
 
 @pytest.mark.role("backend")
 @pytest.mark.rule("RING-9", "SEC-4", "DIV-21", "RING-8")
-def test_a_producer_jump_past_the_ring_is_contained(connected_backend, slots, record_variant) -> None:
-    """req_prod moved RING_SIZE + 5 ahead: halting or serving at most RING_SIZE at a time both pass.
+@pytest.mark.parametrize("beyond", [1, 5])
+def test_a_producer_jump_past_the_ring_is_contained(connected_backend, slots, record_variant,
+                                                     beyond: int) -> None:  # fmt: skip
+    """req_prod moved RING_SIZE + `beyond` ahead: halting or serving at most RING_SIZE at a time both pass.
 
     The slots hold RING_SIZE valid reads with distinct ids. A backend that consumes
     more than RING_SIZE unanswered requests reads some slot twice before its
@@ -254,6 +256,9 @@ def test_a_producer_jump_past_the_ring_is_contained(connected_backend, slots, re
     RING-8 re-reads only response bytes there, whose id is never a valid one.
     Only the last RING_SIZE responses survive in the ring, which is enough: see
     the comment at the check. The other queue must keep working (DIV-21).
+    `beyond` 1 catches a backend consuming exactly one request too many (the overflow
+    check off by one): its second answer to request 0 is then the last response, and
+    the window holds all RING_SIZE ids; with 5, re-reads of response slots push it out.
     """
     env = connected_backend(frontend={"max_queues": 2, "max_ring_page_order": 0})
     fe = env.peer
@@ -265,7 +270,7 @@ def test_a_producer_jump_past_the_ring_is_contained(connected_backend, slots, re
     ids = {HIGH_ID | (k << 8) | 0xEE for k in range(size)}  # low byte: no operation a re-read could match
     for rid in sorted(ids):
         ring.put_request(slots.rw(READ, rid, 0, [(gref, 0, 7)]))
-    for _ in range(5):
+    for _ in range(beyond):
         ring.next_request_slot()  # RING-9: published, never written
     ring.push_requests()
     fe.xen.evtchn.notify(raw.port)

@@ -48,6 +48,7 @@ from blkif_spec.consts import BlkifOp, BlkifRsp, XenbusState
 from blkif_spec.drivers import xsutil
 from blkif_spec.drivers.backend import BackendConfig
 from blkif_spec.harness import FrontendUnderTest, TargetTimeout
+from blkif_spec.xen.api import XenError, XenTimeout
 from tests.conformance.conftest import exchange, expect, require
 
 OKAY, ERROR, EOPNOTSUPP = int(BlkifRsp.OKAY), int(BlkifRsp.ERROR), int(BlkifRsp.EOPNOTSUPP)
@@ -509,7 +510,13 @@ def test_the_backend_leaves_nothing_behind(backend_under_test, record_negotiated
     fe = env.peer
     for i in range(8):
         expect("SM-23", OKAY, fe.write(i * 64, bytes([i + 1]) * PAGE).status, f"write {i}")
-    fe.close()
+    try:
+        fe.close()
+    except XenTimeout:
+        raise
+    except XenError as exc:  # the suite's frontend cannot free ring pages the backend still maps
+        expect("SM-23", {}, env.leaks(), f"held by the backend after its Closed; our teardown: {exc}")
+        raise
     expect("SM-23", {}, settled_leaks(env), "what the backend domain still holds after the close")
     expect("SM-23", [], left_behind(env, before), "XenStore nodes it created outside the device directories")
 
@@ -639,7 +646,8 @@ def test_hostile_responses_stop_the_device(frontend_under_test, record_variant, 
 @pytest.mark.role("frontend")
 @pytest.mark.rule("OP-6")
 def test_a_status_outside_the_spec_is_an_error(frontend_under_test, record_variant) -> None:
-    """Status 5 for a read: never success (Linux errors the request; disabling the device also passes)."""
+    """Status 5 for a read: never success (Linux errors the request; disabling the device also passes);
+    nor dropped while the device is used on (the read would hang, and nothing took it as an error)."""
     env = frontend_under_test(backend=BackendConfig(max_queues=1))
     env.attach()
     be = env.peer
@@ -651,7 +659,13 @@ def test_a_status_outside_the_spec_is_an_error(frontend_under_test, record_varia
     expect("OP-6", False, _ok(kind, value), f"a read answered with status 5 {_said(kind, value)}")
     be.resume()
     later = env.submit("read", 8, 8)
-    record_variant("OP-6", f"status 5: read {_said(kind, value)}; a later read {_said(*later.outcome(0.5))}")
+    later_kind, later_value = later.outcome(0.5)
+    if kind == "pending":  # neither completed nor failed: only a device no longer used explains it
+        expect("OP-6", False, _ok(later_kind, later_value),
+               f"the status-5 read still pending, yet a later read {_said(later_kind, later_value)}: "
+               "the answer was dropped, not taken as an error")  # fmt: skip
+    said = f"status 5: read {_said(kind, value)}; a later read {_said(later_kind, later_value)}"
+    record_variant("OP-6", said)
 
 
 @pytest.mark.role("frontend")

@@ -7,7 +7,7 @@ answer. Statuses: OKAY 0, ERROR -1, EOPNOTSUPP -2 (OP-6).
 from __future__ import annotations
 
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from blkif_spec.consts import BlkifOp, BlkifRsp
@@ -35,6 +35,8 @@ def test_sector_bounds_within_the_frame(connected_backend, slots) -> None:
     gref = env.peer.raw_grant()[0]
 
     @given(first=st.integers(0, 255), last=st.integers(0, 255))
+    @example(first=0, last=8)  # one sector past the frame
+    @example(first=7, last=6)
     def check(first: int, last: int) -> None:
         status = answer(env, slots.rw(READ, RAW_ID, 0, [(gref, first, last)]))
         valid = first <= last <= 7
@@ -50,6 +52,9 @@ def test_requests_outside_the_disk_fail(connected_backend, slots) -> None:
     gref = env.peer.raw_grant()[0]
 
     @given(sector=st.one_of(st.integers(DISK_SECTORS - 16, DISK_SECTORS + 16), st.integers(2**63, 2**64 - 1)))
+    @example(sector=DISK_SECTORS - 7)  # ends one sector past the disk
+    @example(sector=2**64 - 8)  # sector_number + 8 wraps to 0
+    @example(sector=2**63)  # sector_number * 512 wraps to 0
     def check(sector: int) -> None:
         status = answer(env, slots.rw(READ, RAW_ID, sector, [(gref, 0, 7)]))
         inside = sector + 8 <= DISK_SECTORS

@@ -24,7 +24,6 @@ handshake (no crash).
 from __future__ import annotations
 
 import re
-import time
 from typing import Any
 
 import pytest
@@ -35,9 +34,8 @@ from blkif_spec.drivers.backend import BackendConfig
 from blkif_spec.drivers.frontend import DeviceDisabled, Frontend, FrontendConfig
 from blkif_spec.harness import TargetTimeout
 from blkif_spec.xen.api import XenError, XenStoreError, XenTimeout
-from blkif_spec.xen.sim import BACKEND_DOMID, FRONTEND_DOMID
 from blkif_spec.xenbus import Phase
-from tests.conformance.conftest import REFUSED, backend_offer, connect_edited, expect
+from tests.conformance.conftest import REFUSED, backend_offer, connect_edited, expect, released, settle
 
 OKAY = int(consts.BlkifRsp.OKAY)
 #: Keys a dom0 backend may write into the frontend's directory (XK-3: QEMU does).
@@ -121,24 +119,6 @@ def of_side(findings, side: str):
     return [f for f in findings if f.side == side]
 
 
-def settle(env, side: str, states: set[S], within: float | None = None) -> S:
-    """Poll `side`'s state until it is in `states` or `within` s (default: the bound) passed; return it."""
-    deadline = time.monotonic() + (env.timeout if within is None else within)
-    while True:
-        state = env.state(side)
-        if state in states or time.monotonic() >= deadline:
-            return state
-        time.sleep(0.002)
-
-
-def released(env) -> dict[str, list[int]]:
-    """What the target still holds (grants, mappings, ports), once it let go or the bound passed."""
-    deadline = time.monotonic() + env.timeout
-    while (held := env.leaks()) and time.monotonic() < deadline:
-        time.sleep(0.005)
-    return held
-
-
 def check_io(env, rule: str, what: str) -> None:
     """A write and a read back on every queue of the suite's frontend."""
     fe = env.peer
@@ -191,6 +171,7 @@ def startup(shared_backend_under_test) -> Observed:
         obs["frontend_writes"] = list(fe_watch.writes)
         obs["frontend_owners"] = {k: env.dom0.get_perms(f"{fe_path}/{k}")[0] for k in env.frontend_tree()}
         obs["frontend_perms"] = env.dom0.get_perms(fe_path)
+        obs["domids"] = (env.vbd.frontend_domid, env.vbd.backend_domid)
         guest, probes = env.peer.xen.store, {}
         for key in ("state", "sectors", "conformance-probe"):
             before = env.dom0.read(f"{be_path}/{key}")
@@ -298,18 +279,18 @@ def test_device_properties_before_connected(startup, record_variant) -> None:
 
 
 @pytest.mark.role("backend")
-@pytest.mark.rule("XK-3", "SEC-30", "XK-1")
+@pytest.mark.rule("XK-3", "SEC-30")
 def test_backend_writes_only_its_own_directory(startup) -> None:
     """The backend writes nothing into the frontend's directory (bar XK-3's dom0 exceptions) and
     leaves its own directory unwritable by the guest (SEC-30)."""
-    writes, owners, perms, probes = startup.need(
-        "frontend_writes", "frontend_owners", "frontend_perms", "guest_writes"
+    writes, owners, perms, probes, (fe_id, be_id) = startup.need(
+        "frontend_writes", "frontend_owners", "frontend_perms", "guest_writes", "domids"
     )
     foreign = sorted({k for k, _ in writes if not written_by_frontend(k)} - DOM0_MAY_WRITE)
     expect("XK-3", [], foreign, "frontend-directory writes the suite's frontend did not make")
-    alien = {k: p for k, p in owners.items() if p != f"n{FRONTEND_DOMID}"}
+    alien = {k: p for k, p in owners.items() if p != f"n{fe_id}"}
     expect("XK-3", {}, alien, "frontend nodes not owned by the guest")
-    expect("XK-3", [f"n{FRONTEND_DOMID}", f"r{BACKEND_DOMID}"], perms, "frontend directory permissions")
+    expect("XK-3", [f"n{fe_id}", f"r{be_id}"], perms, "frontend directory permissions")
     for key, seen in probes.items():
         expect("SEC-30", "refused", seen, f"the guest writing {key} in the backend's directory")
 
@@ -484,24 +465,33 @@ def test_unknown_protocol_string(backend_under_test, record_variant) -> None:
 def test_absent_protocol(backend_under_test, record_variant) -> None:
     """No `protocol` key: the backend connects and speaks x86_32 (Linux, QEMU on x86) or native."""
     env = backend_under_test()
-
-    def drop(keys: dict[str, str]) -> dict[str, str]:
-        return {k: v for k, v in keys.items() if k != "protocol"}
-
-    tried = []
+    tried: list[str] = []
     for abi in (consts.X86_32_ABI, consts.X86_64_ABI):
-        state = connect_edited(env, drop, reconnect=bool(tried), protocol=abi, max_queues=1)
+        if tried:  # the previous guess failed: close, reopen, try the other ABI
+            env.peer.raw_state(S.Closed)
+            expect("SM-23", S.Closed, settle(env, "backend", {S.Closed}), "backend after frontend Closed")
+            env.peer.raw_release()
+            env.peer.raw_state(S.Initialising)
+            expect("SM-26", S.InitWait, settle(env, "backend", {S.InitWait}), "backend after a reopen")
+        old = env.peer
+        peer = env.peer = Frontend(
+            old.xen, old.path, FrontendConfig(protocol=abi, max_queues=1, timeout=env.timeout)
+        )
+        keys = peer.raw_transport()
+        peer.raw_write({**keys, "protocol": None}, clear=True)  # the key itself removed (DIV-9)
+        peer.raw_state(S.Initialised)
+        state = settle(env, "backend", {S.Connected, S.Closing, S.Closed})
         expect("DIV-9", S.Connected, state, "a frontend without `protocol` must be served (both variants)")
+        peer.raw_finish()
         data = bytes(range(256)) * 2
         try:
-            ok = env.peer.write(8, data).status == OKAY and env.peer.read(8, 1).data == data
+            ok = peer.write(8, data).status == OKAY and peer.read(8, 1).data == data
         except (DeviceDisabled, XenTimeout):
             ok = False
         if ok:
-            record_variant("DIV-9", f"absent protocol read as {abi}")
+            record_variant("DIV-9", "x86_32 (Linux, QEMU on x86)" if abi == consts.X86_32_ABI else "native")
             return
         tried.append(abi)
-        env.peer.close()
     expect("DIV-9", "x86_32-abi or native served", f"neither worked ({tried})")
 
 
@@ -551,6 +541,7 @@ def attached(shared_frontend_under_test) -> Observed:
         be_path = env.vbd.backend_path
         obs["backend_owners"] = {k: env.dom0.get_perms(f"{be_path}/{k}")[0] for k in env.backend_tree()}
         obs["backend_perms"] = env.dom0.get_perms(be_path)
+        obs["domids"] = (env.vbd.frontend_domid, env.vbd.backend_domid)
     except Exception as exc:
         obs.error = exc
     return obs
@@ -613,7 +604,7 @@ def test_frontend_copes_with_publication_timing(frontend_under_test, offer) -> N
 @pytest.mark.rule("XK-3", "SEC-30")
 def test_frontend_writes_only_its_own_directory(attached) -> None:
     """Nothing in the backend's directory belongs to the guest; its permissions are the toolstack's."""
-    owners, perms = attached.need("backend_owners", "backend_perms")
-    alien = {k: p for k, p in owners.items() if p != f"n{BACKEND_DOMID}"}
+    owners, perms, (fe_id, be_id) = attached.need("backend_owners", "backend_perms", "domids")
+    alien = {k: p for k, p in owners.items() if p != f"n{be_id}"}
     expect("XK-3", {}, alien, "backend nodes owned by another domain than the backend's")
-    expect("SEC-30", [f"n{BACKEND_DOMID}", f"r{FRONTEND_DOMID}"], perms, "backend directory permissions")
+    expect("SEC-30", [f"n{be_id}", f"r{fe_id}"], perms, "backend directory permissions")
