@@ -93,13 +93,15 @@ def test_every_rule_id_in_the_code_is_known() -> None:
 
 def test_unknown_rule_marker_is_a_collection_error(tmp_path: Path) -> None:
     """conventions §4: an unknown ID in @pytest.mark.rule stops the run before any test."""
-    (tmp_path / "test_x.py").write_text(textwrap.dedent("""
+    (tmp_path / "test_x.py").write_text(
+        textwrap.dedent("""
         import pytest
 
         @pytest.mark.rule("SEG-3", "SEG-99")
         def test_a():
             pass
-    """))
+    """)
+    )
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "-p", "blkif_spec.pytest_plugin", "-p", "no:cacheprovider",
          "-c", "/dev/null", "--rootdir", str(tmp_path), str(tmp_path)],
