@@ -182,6 +182,27 @@ def test_discard_is_range_checked(connected_backend, slots) -> None:
 
 
 @pytest.mark.role("backend")
+@pytest.mark.rule("DISC-5", "DISC-1")
+def test_discard_up_to_the_last_sector_is_served(connected_backend, slots) -> None:
+    """The range check is not off by one: aligned discards ending exactly at the end of the
+    disk are in range (OKAY, or EOPNOTSUPP as OP-3 allows at any time), and what lies
+    before them is untouched."""
+    env = connected_backend()
+    require(env, "discard")
+    sectors, unit = int(env.backend_tree()["sectors"]), granule(env)
+    head = pattern(7, sectors - 64 * unit, 32 * unit)
+    with backend_faults(env):
+        expect("DISC-1", OKAY, env.peer.write(sectors - 64 * unit, head).status, "writing below the tail")
+    for n in (unit, 32 * unit):
+        got = reply(env, slots.discard(RAW_ID, sectors - n, n))
+        expect("DISC-5", {(DISCARD, OKAY), (DISCARD, EOPNOTSUPP)}, got,
+               f"DISCARD of the last {n} sectors ({sectors} on the disk)")  # fmt: skip
+    with backend_faults(env):
+        got = env.peer.read(sectors - 64 * unit, 32 * unit)
+    expect("DISC-1", {(OKAY, True)}, (got.status, got.data == head), "sectors before the discarded tail")
+
+
+@pytest.mark.role("backend")
 @pytest.mark.rule("DISC-5", "SEC-3.a")
 def test_discard_on_a_read_only_disk_is_refused(backend_under_test, record_negotiated, slots) -> None:
     env = backend_under_test(readonly=True)

@@ -28,6 +28,22 @@ def test_more_than_eleven_segments_is_refused(connected_backend, slots) -> None:
     expect("SEG-1", ERROR, status, "READ with nr_segments=12")
 
 
+@pytest.mark.rule("SEG-1", "SEG-6")
+def test_exactly_eleven_segments_are_served(connected_backend, slots) -> None:
+    """nr_segments = BLKIF_MAX_SEGMENTS_PER_REQUEST is inside the limit: a WRITE and a READ of
+    eleven full pages are served, each segment's page in its place (the bound is not off by one)."""
+    env = connected_backend()
+    pages = [bytes([0x30 + k]) * 4096 for k in range(11)]
+    grefs = [env.peer.raw_grant(page)[0] for page in pages]
+    status = answer(env, slots.rw(WRITE, RAW_ID, 8, [(g, 0, 7) for g in grefs]))
+    expect("SEG-1", OKAY, status, "WRITE with nr_segments=11")
+    expect("SEG-6", b"".join(pages), env.peer.read(8, 88).data, "88 sectors written by 11 segments")
+    targets = [env.peer.raw_grant() for _ in range(11)]
+    status = answer(env, slots.rw(READ, RAW_ID, 8, [(g, 0, 7) for g, _ in targets]))
+    expect("SEG-1", OKAY, status, "READ with nr_segments=11")
+    expect("SEG-6", b"".join(pages), b"".join(bytes(page) for _, page in targets), "11 pages read")
+
+
 @pytest.mark.rule("SEG-3", "SEC-3")
 def test_sector_bounds_within_the_frame(connected_backend, slots) -> None:
     """0 ≤ first_sect ≤ last_sect ≤ 7: anything else is ERROR; valid ranges read OKAY."""

@@ -189,7 +189,7 @@ def startup(shared_backend_under_test) -> Observed:
 
 
 @pytest.mark.role("backend")
-@pytest.mark.rule("SM-2", "XK-4", "XK-B20", "XK-B22", "XK-B23", "MQ-1")
+@pytest.mark.rule("SM-2", "XK-4", "XK-B4", "XK-B20", "XK-B22", "XK-B23", "MQ-1")
 @pytest.mark.rule("XK-B24", "XK-B25", "XK-B26", "XK-B30")
 def test_offer_at_initwait_is_well_formed(startup) -> None:
     """At InitWait every key the backend offers parses and respects its row (XK-4, XK-B20..B30)."""
@@ -547,8 +547,9 @@ def attached(shared_frontend_under_test) -> Observed:
     return obs
 
 
-FRONTEND_LAYOUT_RULES = ("XK-8", "XK-4", "XK-F7", "XK-F8", "XK-F9", "XK-F10", "XK-F11", "XK-F13", "XK-F14",
-                         "XK-F15", "MPR-1", "MPR-2", "MQ-2", "MQ-3", "MQ-4", "MQ-5")  # fmt: skip
+FRONTEND_LAYOUT_RULES = ("XK-8", "XK-4", "XK-F3", "XK-F7", "XK-F8", "XK-F9", "XK-F10", "XK-F11",
+                         "XK-F13", "XK-F14", "XK-F15", "MPR-1", "MPR-2",
+                         "MQ-2", "MQ-3", "MQ-4", "MQ-5")  # fmt: skip
 
 
 def _judge_frontend_layout(writes, order, fe, be) -> None:
