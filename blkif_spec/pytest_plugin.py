@@ -88,6 +88,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help=f"C blkif.h for the layout check (default {DEFAULT_HEADER})")  # fmt: skip
     group.addoption("--conformance-report", type=Path, default=None, dest="conformance_report",
                     help="write report.json and report.md into this directory")  # fmt: skip
+    group.addoption("--blkif-role", choices=("backend", "frontend"), default=None, dest="blkif_role",
+                    help="run only tests of this role (the role marker)")  # fmt: skip
     group.addoption("--blkif-rules", default=None, dest="blkif_rules",
                     help="run only tests marked with one of these rule IDs (comma-separated)")  # fmt: skip
     group.addoption("--known-failures", type=Path, default=None, dest="known_failures",
@@ -123,6 +125,11 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     if bad:
         raise pytest.UsageError("unknown rule IDs in @pytest.mark.rule (not in the catalogue):\n  "
                                 + "\n  ".join(bad))  # fmt: skip
+    role = config.getoption("blkif_role")
+    if role:
+        keep = [item for item in items if any(m.args[:1] == (role,) for m in item.iter_markers("role"))]
+        config.hook.pytest_deselected(items=[item for item in items if item not in keep])
+        items[:] = keep
     wanted = config.getoption("blkif_rules")
     if wanted:
         ids = {r.strip() for r in wanted.split(",") if r.strip()}

@@ -103,6 +103,30 @@ def test_misaligned_io_is_refused_with_4096_byte_sectors(backend_under_test, rec
     record_variant("DIV-8", "misaligned start or segment length with sector-size 4096: ERROR")
 
 
+@pytest.mark.role("backend")
+@pytest.mark.rule("SEG-5", "DIV-8")
+@pytest.mark.parametrize("size", [1024, 2048])
+def test_alignment_follows_the_published_sector_size(backend_under_test, record_negotiated, slots,
+                                                     size: int) -> None:  # fmt: skip
+    """With a 1024- or 2048-byte `sector-size` the unit of alignment is that size, not 4096: a
+    start or segment on a multiple of size/512 sectors is served, anything else is ERROR."""
+    env = with_sector_size(backend_under_test, record_negotiated, size)
+    unit = size // SECTOR
+    dst = env.peer.raw_grant()[0]
+    for sector in (2048, 2048 + unit, 2049):
+        for first in range(8):
+            for last in range(first, 8):
+                aligned = sector % unit == 0 and first % unit == 0 and (last - first + 1) % unit == 0
+                got = reply(env, slots.rw(READ, RAW_ID, sector, [(dst, first, last)]))
+                want = OKAY if aligned else ERROR
+                expect(
+                    "SEG-5",
+                    {(READ, want)},
+                    got,
+                    f"READ at {sector}, sectors {first}-{last}, sector-size {size}",
+                )
+
+
 # -- frontend role -----------------------------------------------------------------------------
 
 
