@@ -14,7 +14,6 @@ from __future__ import annotations
 from dataclasses import replace
 
 from blkif_spec.consts import RING_IDX_MASK
-from blkif_spec.drivers.backend import Backend
 from blkif_spec.drivers.blkserve import (
     BARRIER,
     DISCARD,
@@ -29,16 +28,11 @@ from blkif_spec.drivers.blkserve import (
 )
 from blkif_spec.ring import REQ_EVENT, REQ_PROD, BackRing
 from blkif_spec.targets import ReferenceBackend
-from tests.faulty.registry import faulty
+from tests.faulty.registry import faulty, serving
 
 M32 = RING_IDX_MASK
 M64 = 2**64 - 1
 KNOWN_OPS = frozenset({READ, WRITE, BARRIER, FLUSH, DISCARD, INDIRECT})
-
-
-def _serving(server: type[RingServer]) -> type[Backend]:
-    """The reference `Backend` serving its rings with `server`."""
-    return type(f"{server.__name__.lstrip('_')}Backend", (Backend,), {"server_class": server})
 
 
 def _rering(ring: BackRing, cls: type[BackRing]) -> BackRing:
@@ -66,7 +60,7 @@ class _GarbagePadding(RingServer):
 class PaddingLeak(ReferenceBackend):
     """XSA-216: blkback built the response on the stack and copied all 16 bytes to the ring."""
 
-    backend_class = _serving(_GarbagePadding)
+    backend_class = serving(_GarbagePadding)
 
 
 class _Id32(RingServer):
@@ -78,7 +72,7 @@ class _Id32(RingServer):
 class IdTruncated32(ReferenceBackend):
     """A backend keeping the id in an `unsigned long` of a 32-bit build (DIV-31)."""
 
-    backend_class = _serving(_Id32)
+    backend_class = serving(_Id32)
 
 
 # == ring indices and notification ================================================================
@@ -107,7 +101,7 @@ class IndexWrapHalts(ReferenceBackend):
     32-bit wrap. Right until the frontend's req_prod wraps to a small number; then a
     well-behaved frontend looks overflowed (RING-9) and the ring is halted: no more answers."""
 
-    backend_class = _serving(_WideIndex)
+    backend_class = serving(_WideIndex)
 
 
 class _NotifyInverted(RingServer):
@@ -119,7 +113,7 @@ class _NotifyInverted(RingServer):
 class NotifyInverted(ReferenceBackend):
     """Notify suppression that loses a wake-up: the frontend sleeping on rsp_event is never woken."""
 
-    backend_class = _serving(_NotifyInverted)
+    backend_class = serving(_NotifyInverted)
 
 
 class _NoRecheckRing(BackRing):
@@ -142,7 +136,7 @@ class NoRecheckAfterArming(ReferenceBackend):
     """RING_FINAL_CHECK_FOR_REQUESTS without its re-check: a request pushed between the last
     look and the arming needs no notification (RING-6) and is never seen."""
 
-    backend_class = _serving(_NoRecheck)
+    backend_class = serving(_NoRecheck)
 
 
 class _ReinitRing(RingServer):
@@ -157,7 +151,7 @@ class ReinitialisesRing(ReferenceBackend):
     """A backend sharing the frontend's ring set-up code: it resets the indices the frontend
     chose (and any requests already published) to 0."""
 
-    backend_class = _serving(_ReinitRing)
+    backend_class = serving(_ReinitRing)
 
 
 class _DeferringRing(BackRing):
@@ -221,7 +215,7 @@ class ConsumesOneTooMany(ReferenceBackend):
     """`>` for `>=` in the consumer's overflow check: with req_prod pushed past the ring it
     reads slot 0 again before answering it, and answers that request twice."""
 
-    backend_class = _serving(_OneTooMany)
+    backend_class = serving(_OneTooMany)
 
 
 # == security =====================================================================================
@@ -238,7 +232,7 @@ class DoubleFetch(ReferenceBackend):
     """XSA-155: the request is fetched from shared memory again after it was copied, so what
     is served need not be what was checked."""
 
-    backend_class = _serving(_DoubleFetch)
+    backend_class = serving(_DoubleFetch)
 
 
 class _EarlierGrantErrorHidden(RingServer):
@@ -276,7 +270,7 @@ class EarlierGrantErrorHidden(ReferenceBackend):
     """XSA-365: one status variable for all segments, so a later good segment hides the error
     of an earlier bad one."""
 
-    backend_class = _serving(_EarlierGrantErrorHidden)
+    backend_class = serving(_EarlierGrantErrorHidden)
 
 
 class _TrustingRing(_DeferringRing):
@@ -303,7 +297,7 @@ class TrustsOverflowedProducer(ReferenceBackend):
     """Neither halts (Linux) nor stops at RING_SIZE (QEMU): a req_prod moved past the ring
     makes it consume slots whose requests it has not answered yet, some of them twice."""
 
-    backend_class = _serving(_Trusting)
+    backend_class = serving(_Trusting)
 
 
 # == segments and sectors =========================================================================
@@ -320,7 +314,7 @@ class _TwelveSegments(RingServer):
 class AcceptsTwelveSegments(ReferenceBackend):
     """No `nr_segments <= 11` check; it never reads past the slot, but answers OKAY."""
 
-    backend_class = _serving(_TwelveSegments)
+    backend_class = serving(_TwelveSegments)
 
 
 class _LastSectUnchecked(RingServer):
@@ -335,7 +329,7 @@ class _LastSectUnchecked(RingServer):
 class LastSectUnchecked(ReferenceBackend):
     """Checks first_sect <= last_sect but not last_sect <= 7; the copy stops at the frame."""
 
-    backend_class = _serving(_LastSectUnchecked)
+    backend_class = serving(_LastSectUnchecked)
 
 
 class _SectorOffsetWraps(RingServer):
@@ -348,7 +342,7 @@ class SectorOffsetWraps(ReferenceBackend):
     """QEMU's finding (SEC-3): the byte offset wraps, so a huge sector_number passes the range
     check and the I/O lands near the start of the disk."""
 
-    backend_class = _serving(_SectorOffsetWraps)
+    backend_class = serving(_SectorOffsetWraps)
 
 
 class _WritesReadOnly(RingServer):
@@ -370,7 +364,7 @@ class _WritesReadOnly(RingServer):
 class WritesReadOnlyDisk(ReferenceBackend):
     """The read-only check missing from the direct WRITE path only."""
 
-    backend_class = _serving(_WritesReadOnly)
+    backend_class = serving(_WritesReadOnly)
 
 
 class _NotContiguous(RingServer):
@@ -383,7 +377,7 @@ class _NotContiguous(RingServer):
 class SegmentsNotContiguous(ReferenceBackend):
     """A per-segment loop that never advances the disk offset."""
 
-    backend_class = _serving(_NotContiguous)
+    backend_class = serving(_NotContiguous)
 
 
 class _SectorSizeUnits(RingServer):
@@ -395,7 +389,7 @@ class _SectorSizeUnits(RingServer):
 class SectorSizeUnits(ReferenceBackend):
     """QEMU's reading of sector_number (DIV-12): right for 512-byte disks only."""
 
-    backend_class = _serving(_SectorSizeUnits)
+    backend_class = serving(_SectorSizeUnits)
 
 
 class _MisalignedAccepted(RingServer):
@@ -407,7 +401,7 @@ class _MisalignedAccepted(RingServer):
 class MisalignedAccepted(ReferenceBackend):
     """Publishes sector-size 4096 but serves any 512-byte aligned start and length."""
 
-    backend_class = _serving(_MisalignedAccepted)
+    backend_class = serving(_MisalignedAccepted)
 
 
 # == operations ===================================================================================
@@ -430,7 +424,7 @@ class HangsOnUnknownOp(ReferenceBackend):
     """A dispatch switch without a default case: the request is consumed and forgotten, the
     frontend waits for ever (verdict timeout)."""
 
-    backend_class = _serving(_SilentOnUnknown)
+    backend_class = serving(_SilentOnUnknown)
 
 
 class _StatusMinus5(RingServer):
@@ -443,7 +437,7 @@ class _StatusMinus5(RingServer):
 class StatusMinus5ForUnknownOp(ReferenceBackend):
     """A backend returning its errno as the blkif status."""
 
-    backend_class = _serving(_StatusMinus5)
+    backend_class = serving(_StatusMinus5)
 
 
 class _AnswersTwice(RingServer):
@@ -463,7 +457,7 @@ class _AnswersTwice(RingServer):
 class AnswersUnknownOpTwice(ReferenceBackend):
     """An error path that completes the request and then reaches the common completion too."""
 
-    backend_class = _serving(_AnswersTwice)
+    backend_class = serving(_AnswersTwice)
 
 
 # == indirect =====================================================================================
@@ -479,7 +473,7 @@ class _EchoesSix(RingServer):
 class EchoesIndirectOp6(ReferenceBackend):
     """Echoes the request's operation byte; Linux blkfront then disables the disk (DIV-2)."""
 
-    backend_class = _serving(_EchoesSix)
+    backend_class = serving(_EchoesSix)
 
 
 class _BelowMaximum(RingServer):
@@ -492,7 +486,7 @@ class _BelowMaximum(RingServer):
 class RefusesAdvertisedMaximum(ReferenceBackend):
     """Reads "less than the number provided" literally (DIV-4): the maximum it advertises fails."""
 
-    backend_class = _serving(_BelowMaximum)
+    backend_class = serving(_BelowMaximum)
 
 
 class _IndirectFlushAsWrite(RingServer):
@@ -507,4 +501,4 @@ class _IndirectFlushAsWrite(RingServer):
 class IndirectFlushAsWrite(ReferenceBackend):
     """Accepts any data-carrying indirect_op and writes its segments."""
 
-    backend_class = _serving(_IndirectFlushAsWrite)
+    backend_class = serving(_IndirectFlushAsWrite)

@@ -20,7 +20,7 @@ from blkif_spec.drivers.blkserve import BARRIER, FLUSH, OKAY, PAGE, BadRequest, 
 from blkif_spec.drivers.store import BackingStore
 from blkif_spec.targets import ReferenceBackend
 from blkif_spec.xen.api import XenError
-from tests.faulty.registry import faulty
+from tests.faulty.registry import faulty, serving
 
 # -- XenStore keys and timing --------------------------------------------------------------------
 
@@ -362,13 +362,9 @@ class _EmptyFlushRefused(RingServer):
         return super()._rw_request(op, f)
 
 
-class _EmptyFlushRefusedBackend(Backend):
-    server_class = _EmptyFlushRefused
-
-
 @faulty("backend", "DIV-6.b", "answers a 0-segment FLUSH with ERROR although feature-flush-cache=1")
 class RefusesEmptyFlush(ReferenceBackend):
-    backend_class = _EmptyFlushRefusedBackend
+    backend_class = serving(_EmptyFlushRefused)
 
 
 # -- discard -------------------------------------------------------------------------------------
@@ -383,15 +379,11 @@ class _DiscardIgnoresReadOnly(RingServer):
             self.disk = disk
 
 
-class _DiscardIgnoresReadOnlyBackend(Backend):
-    server_class = _DiscardIgnoresReadOnly
-
-
 @faulty("backend", "DISC-5", "discards on a read-only disk")
 class DiscardsReadOnlyDisk(ReferenceBackend):
     """Read-only checked for WRITE but forgotten for DISCARD (blkback had to add it)."""
 
-    backend_class = _DiscardIgnoresReadOnlyBackend
+    backend_class = serving(_DiscardIgnoresReadOnly)
 
 
 class _DroppedDiscards:
@@ -417,15 +409,11 @@ class _SecureDiscardIgnored(RingServer):
         self.disk = replace(self.disk, store=_DroppedDiscards(self.disk.store))  # secure ones too
 
 
-class _SecureDiscardIgnoredBackend(Backend):
-    server_class = _SecureDiscardIgnored
-
-
 @faulty("backend", "DISC-3", "offers discard-secure=1 but ignores BLKIF_DISCARD_SECURE: the data stays")
 class IgnoresSecureDiscard(ReferenceBackend):
     """Plain discards are dropped as hints (allowed); a secure one answered OKAY leaves old data."""
 
-    backend_class = _SecureDiscardIgnoredBackend
+    backend_class = serving(_SecureDiscardIgnored)
 
 
 # -- persistent grants ---------------------------------------------------------------------------
@@ -441,15 +429,11 @@ class _StalePersistentPages(RingServer):
         return pages[gref][offset : offset + length]
 
 
-class _StalePersistentPagesBackend(Backend):
-    server_class = _StalePersistentPages
-
-
 @faulty("backend", "PG-2", "caches a persistent grant's page contents: reused grants write stale data")
 class StalePersistentGrantData(ReferenceBackend):
     """A persistent-grant cache that keeps a copy of the data instead of the mapping."""
 
-    backend_class = _StalePersistentPagesBackend
+    backend_class = serving(_StalePersistentPages)
 
 
 class _RefusesRepeatedGref(RingServer):
@@ -460,12 +444,8 @@ class _RefusesRepeatedGref(RingServer):
         super()._io(op, sector, segs)
 
 
-class _RefusesRepeatedGrefBackend(Backend):
-    server_class = _RefusesRepeatedGref
-
-
 @faulty("backend", "PG-5", "answers ERROR when one gref appears in two segments of a request")
 class RefusesGrefUsedTwice(ReferenceBackend):
     """Linux blkback maps such a gref a second time, non-persistently; this one gives up instead."""
 
-    backend_class = _RefusesRepeatedGrefBackend
+    backend_class = serving(_RefusesRepeatedGref)

@@ -46,6 +46,13 @@ def faulty(role: str, rule: str, what: str, *, hangs: bool = False) -> Callable[
     return register
 
 
+def serving(server: type) -> type:
+    """The reference `Backend` serving its rings with `server` (a `RingServer` variant)."""
+    from blkif_spec.drivers.backend import Backend
+
+    return type(f"{server.__name__.lstrip('_')}Backend", (Backend,), {"server_class": server})
+
+
 def all_faults() -> list[Fault]:
     """Every registered fault, importing the catalogue modules."""
     for module in ("tests.faulty.backends", "tests.faulty.frontends", "tests.faulty.backends_xenbus"):
