@@ -90,6 +90,16 @@ def slots(request: pytest.FixtureRequest) -> SlotFactory:
     return SlotFactory(request.config.getoption("blkif_abi") or consts.X86_64_ABI)
 
 
+#: Response statuses (OP-6), shared by every module.
+OKAY, ERROR, EOPNOTSUPP = (int(consts.BlkifRsp.OKAY), int(consts.BlkifRsp.ERROR),
+                           int(consts.BlkifRsp.EOPNOTSUPP))  # fmt: skip
+
+
+def status_name(status: int) -> str:
+    """OKAY, ERROR or EOPNOTSUPP; any other value as a number (for messages and variants)."""
+    return {OKAY: "OKAY", ERROR: "ERROR", EOPNOTSUPP: "EOPNOTSUPP"}.get(status, str(status))
+
+
 RAW_ID = 0x5EC0_0000_0000  # ids of raw requests stay clear of the suite frontend's own (< RING_SIZE)
 
 

@@ -18,14 +18,22 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from blkif_spec import consts
-from blkif_spec.consts import BlkifOp, BlkifRsp, XenbusState
+from blkif_spec.consts import BlkifOp, XenbusState
 from blkif_spec.drivers.backend import BackendConfig
 from blkif_spec.harness import BackendUnderTest
 from blkif_spec.model import SectorModel, pattern
-from tests.conformance.conftest import RAW_ID, backend_faults, expect, reply, require
+from tests.conformance.conftest import (
+    EOPNOTSUPP,
+    ERROR,
+    OKAY,
+    RAW_ID,
+    backend_faults,
+    expect,
+    reply,
+    require,
+    status_name,
+)
 
-OKAY, ERROR, EOPNOTSUPP = int(BlkifRsp.OKAY), int(BlkifRsp.ERROR), int(BlkifRsp.EOPNOTSUPP)
-NAMES = {OKAY: "OKAY", ERROR: "ERROR", EOPNOTSUPP: "EOPNOTSUPP"}
 DISCARD = int(BlkifOp.DISCARD)
 SECTOR = consts.SECTOR_SIZE
 REGION = 512  # sectors written and checked by the data tests
@@ -88,7 +96,7 @@ def test_discarded_range_reads_old_data_or_zeros(connected_backend, slots, recor
         check_region(env, model, "DISC-1", f"after writing {len(again) // SECTOR} sectors at {sector} again")
 
     check()
-    record_variant("DISC-1", "aligned DISCARD in range: " + "/".join(NAMES[s] for s in sorted(seen)))
+    record_variant("DISC-1", "aligned DISCARD in range: " + "/".join(status_name(s) for s in sorted(seen)))
 
 
 @pytest.mark.role("backend")
@@ -134,7 +142,7 @@ def test_secure_discard_leaves_nothing_readable(connected_backend, slots, record
     sector, n = 4 * unit, 16 * unit
     echoed, status = reply(env, slots.discard(RAW_ID, sector, n, flag=consts.BLKIF_DISCARD_SECURE))
     expect("DISC-3", {(DISCARD, OKAY), (DISCARD, EOPNOTSUPP)}, (echoed, status), "a secure DISCARD")
-    record_variant("DISC-3", f"secure DISCARD with discard-secure=1: {NAMES[status]}")
+    record_variant("DISC-3", f"secure DISCARD with discard-secure=1: {status_name(status)}")
     with backend_faults(env):
         got = env.peer.read(sector, n).data
     old = pattern(3, 0, REGION)[sector * SECTOR : (sector + n) * SECTOR]
@@ -240,7 +248,7 @@ def test_discard_enable_0_removes_the_offer(
     record_variant("DIV-28", variant[status])
     if status == OKAY:
         model.discard(64, 64)
-    check_region(env, model, "DIV-28", f"after a DISCARD answered {NAMES[status]}")
+    check_region(env, model, "DIV-28", f"after a DISCARD answered {status_name(status)}")
 
 
 # -- frontend role -----------------------------------------------------------------------------

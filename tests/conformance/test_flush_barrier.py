@@ -21,13 +21,21 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from blkif_spec import consts
-from blkif_spec.consts import BlkifOp, BlkifRsp
+from blkif_spec.consts import BlkifOp
 from blkif_spec.harness import BackendUnderTest, TargetTimeout
 from blkif_spec.model import pattern
-from tests.conformance.conftest import RAW_ID, backend_faults, expect, reply, require
+from tests.conformance.conftest import (
+    EOPNOTSUPP,
+    ERROR,
+    OKAY,
+    RAW_ID,
+    backend_faults,
+    expect,
+    reply,
+    require,
+    status_name,
+)
 
-OKAY, ERROR, EOPNOTSUPP = int(BlkifRsp.OKAY), int(BlkifRsp.ERROR), int(BlkifRsp.EOPNOTSUPP)
-NAMES = {OKAY: "OKAY", ERROR: "ERROR", EOPNOTSUPP: "EOPNOTSUPP"}
 READ, WRITE = int(BlkifOp.READ), int(BlkifOp.WRITE)
 BARRIER, FLUSH = int(BlkifOp.WRITE_BARRIER), int(BlkifOp.FLUSH_DISKCACHE)
 KEYS = {BARRIER: ("feature-barrier", "barrier"), FLUSH: ("feature-flush-cache", "flush")}
@@ -90,7 +98,9 @@ def test_barrier_executes_after_earlier_writes(connected_backend, record_variant
         expect("FL-1.a", [OKAY] * len(done), [d.status for d in done], "the writes before the barrier")
 
     check()
-    record_variant("FL-3", "BARRIER after writes on its ring: " + "/".join(NAMES[s] for s in sorted(seen)))
+    record_variant(
+        "FL-3", "BARRIER after writes on its ring: " + "/".join(status_name(s) for s in sorted(seen))
+    )
 
 
 @pytest.mark.role("backend")
@@ -171,9 +181,12 @@ def test_flush_or_barrier_carrying_segments(connected_backend, slots, record_var
     expect("DIV-6.a", refusals, status, f"{BlkifOp(op).name} with 2 segments: OKAY with the data written, "
            + ("or refused" if op == BARRIER else "or EOPNOTSUPP"))  # fmt: skip
     expect(
-        "DIV-6.a", bytes(len(data)), got, f"{BlkifOp(op).name} refused with {NAMES[status]}: nothing written"
+        "DIV-6.a",
+        bytes(len(data)),
+        got,
+        f"{BlkifOp(op).name} refused with {status_name(status)}: nothing written",
     )
-    record_variant("DIV-6.a", f"{BlkifOp(op).name} with segments: refused with {NAMES[status]}")
+    record_variant("DIV-6.a", f"{BlkifOp(op).name} with segments: refused with {status_name(status)}")
 
 
 @pytest.mark.role("backend")
@@ -191,8 +204,8 @@ def test_flush_and_barrier_on_a_read_only_disk(connected_backend, slots, record_
     expect(
         "SEC-3.b", {OKAY, ERROR, EOPNOTSUPP}, status, f"0-segment {name} on a read-only disk ({key} {offer})"
     )
-    record_variant("SEC-3.b", f"0-segment {name} on a read-only disk: {NAMES[status]}")
-    record_variant("DIV-7", f"0-segment {name}, {key} {offer}: {NAMES[status]}")
+    record_variant("SEC-3.b", f"0-segment {name} on a read-only disk: {status_name(status)}")
+    record_variant("DIV-7", f"0-segment {name}, {key} {offer}: {status_name(status)}")
     data = pattern(op, 64, 8)
     gref = env.peer.raw_grant(data)[0]
     echoed, status = reply(env, slots.rw(op, RAW_ID, 64, [(gref, 0, 7)]))

@@ -19,14 +19,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from blkif_spec import consts
-from blkif_spec.consts import BlkifOp, BlkifRsp
+from blkif_spec.consts import BlkifOp
 from blkif_spec.drivers.backend import BackendConfig
 from blkif_spec.factory import SlotFactory
 from blkif_spec.harness import BackendUnderTest
 from blkif_spec.model import pattern
-from tests.conformance.conftest import RAW_ID, backend_faults, expect, reply, require
+from tests.conformance.conftest import EOPNOTSUPP, ERROR, OKAY, RAW_ID, backend_faults, expect, reply, require
 
-OKAY, ERROR, EOPNOTSUPP = int(BlkifRsp.OKAY), int(BlkifRsp.ERROR), int(BlkifRsp.EOPNOTSUPP)
 READ, WRITE, INDIRECT = int(BlkifOp.READ), int(BlkifOp.WRITE), int(BlkifOp.INDIRECT)
 SECTOR = consts.SECTOR_SIZE
 PER_PAGE = consts.SEGS_PER_INDIRECT_FRAME  # 512 descriptors per indirect page (IND-3)

@@ -40,16 +40,15 @@ from hypothesis.stateful import (
 )
 
 from blkif_spec import codec, consts
-from blkif_spec.consts import BlkifOp, BlkifRsp, XenbusState
+from blkif_spec.consts import BlkifOp, XenbusState
 from blkif_spec.drivers.backend import BackendConfig
 from blkif_spec.factory import SlotFactory
 from blkif_spec.harness import BackendUnderTest, FrontendUnderTest, TargetTimeout
 from blkif_spec.model import SectorModel, pattern
 from blkif_spec.xen.api import XenTimeout
-from tests.conformance.conftest import backend_faults, expect, reply
+from tests.conformance.conftest import EOPNOTSUPP, OKAY, backend_faults, expect, reply
 from tests.strategies.pair import backend_configs
 
-OKAY, ERROR, EOPNOTSUPP = int(BlkifRsp.OKAY), int(BlkifRsp.ERROR), int(BlkifRsp.EOPNOTSUPP)
 READ, WRITE = int(BlkifOp.READ), int(BlkifOp.WRITE)
 BARRIER, FLUSH, DISCARD = int(BlkifOp.WRITE_BARRIER), int(BlkifOp.FLUSH_DISKCACHE), int(BlkifOp.DISCARD)
 SECTOR = consts.SECTOR_SIZE

@@ -23,12 +23,13 @@ from functools import partial
 import pytest
 
 from blkif_spec import consts, xenbus
-from blkif_spec.consts import BlkifOp, BlkifRsp, XenbusState
+from blkif_spec.consts import BlkifOp, XenbusState
 from blkif_spec.drivers.backend import BackendConfig
 from blkif_spec.drivers.frontend import DeviceDisabled, is_transport_key
 from blkif_spec.harness import BackendUnderTest
 from blkif_spec.xen.api import XenError, XenTimeout
 from tests.conformance.conftest import (
+    OKAY,
     REFUSED,
     attach_judged,
     backend_offer,
@@ -42,7 +43,6 @@ from tests.conformance.conftest import (
     payload as tagged_payload,
 )
 
-OKAY = int(BlkifRsp.OKAY)
 payload = partial(tagged_payload, tag=b"mp")  # 512 distinct bytes per (i, salt)
 READ, WRITE = int(BlkifOp.READ), int(BlkifOp.WRITE)
 CONNECTED = XenbusState.Connected

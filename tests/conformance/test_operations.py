@@ -16,18 +16,26 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from blkif_spec.consts import BlkifOp, BlkifRsp, XenbusState
+from blkif_spec.consts import BlkifOp, XenbusState
 from blkif_spec.drivers.backend import BackendConfig
 from blkif_spec.model import pattern
 from blkif_spec.xen.api import XenTimeout
-from tests.conformance.conftest import RAW_ID, backend_faults, expect, replies, reply
+from tests.conformance.conftest import (
+    EOPNOTSUPP,
+    ERROR,
+    OKAY,
+    RAW_ID,
+    backend_faults,
+    expect,
+    replies,
+    reply,
+    status_name,
+)
 
-OKAY, ERROR, EOPNOTSUPP = int(BlkifRsp.OKAY), int(BlkifRsp.ERROR), int(BlkifRsp.EOPNOTSUPP)
 STATUSES = frozenset({OKAY, ERROR, EOPNOTSUPP})
 READ, WRITE, BARRIER, FLUSH = (int(BlkifOp.READ), int(BlkifOp.WRITE), int(BlkifOp.WRITE_BARRIER),
                                int(BlkifOp.FLUSH_DISKCACHE))  # fmt: skip
 DISCARD, INDIRECT = int(BlkifOp.DISCARD), int(BlkifOp.INDIRECT)
-NAMES = {OKAY: "OKAY", ERROR: "ERROR", EOPNOTSUPP: "EOPNOTSUPP"}
 UNKNOWN_OPS = (4, 7, 99, 255)  # RESERVED_1 and beyond the table (OP-1)
 
 
@@ -70,7 +78,7 @@ def test_unknown_operations_are_refused_once(connected_backend, slots, record_va
     any_unknown()
     expect("OP-5", [], late_responses(env), "answers after each request was answered once")
     record_variant(
-        "DIV-1", " and ".join(f"{NAMES[s]} for {sorted(ops)[:6]}" for s, ops in sorted(seen.items()))
+        "DIV-1", " and ".join(f"{status_name(s)} for {sorted(ops)[:6]}" for s, ops in sorted(seen.items()))
     )
 
 
@@ -124,7 +132,7 @@ def test_operations_not_offered(backend_under_test, record_negotiated, slots, re
         echoed, status = reply(env, slots.rw(op, RAW_ID, 0, []))
         expect("OP-5", op, echoed, f"{BlkifOp(op).name} not offered: operation echoed")
         expect("FL-4", STATUSES, status, f"{BlkifOp(op).name} with {key} {value or 'absent'}")
-        tested.append(f"{BlkifOp(op).name} with {key} {value or 'absent'}: {NAMES[status]}")
+        tested.append(f"{BlkifOp(op).name} with {key} {value or 'absent'}: {status_name(status)}")
     if not tested:
         pytest.skip("backend advertises feature-barrier and feature-flush-cache although asked not to")
     record_variant("FL-4", "; ".join(tested))
@@ -169,7 +177,7 @@ def attempt(env, method: str, *args: Any, **kwargs: Any) -> Any:
 def outcome(result: Any) -> str:
     if isinstance(result, Exception):
         return f"raised {type(result).__name__}"
-    return NAMES.get(result.status, str(result.status))
+    return status_name(result.status)
 
 
 @pytest.mark.role("frontend")

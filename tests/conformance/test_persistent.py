@@ -17,12 +17,11 @@ from __future__ import annotations
 import pytest
 
 from blkif_spec import consts
-from blkif_spec.consts import BlkifOp, BlkifRsp, XenbusState
+from blkif_spec.consts import BlkifOp, XenbusState
 from blkif_spec.drivers.backend import BackendConfig
 from blkif_spec.model import pattern
-from tests.conformance.conftest import RAW_ID, backend_faults, expect, replies, reply, require
+from tests.conformance.conftest import OKAY, RAW_ID, backend_faults, expect, replies, reply, require
 
-OKAY = int(BlkifRsp.OKAY)
 READ, WRITE = int(BlkifOp.READ), int(BlkifOp.WRITE)
 SECTOR = consts.SECTOR_SIZE
 

@@ -16,12 +16,11 @@ import time
 import pytest
 
 from blkif_spec import consts
-from blkif_spec.consts import BlkifRsp, XenbusState
+from blkif_spec.consts import XenbusState
 from blkif_spec.harness import TargetTimeout
 from blkif_spec.model import pattern
-from tests.conformance.conftest import backend_faults, expect
+from tests.conformance.conftest import OKAY, backend_faults, expect
 
-OKAY = int(BlkifRsp.OKAY)
 SECTOR = consts.SECTOR_SIZE
 
 

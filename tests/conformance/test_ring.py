@@ -35,15 +35,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from blkif_spec import codec, consts, xenbus
-from blkif_spec.consts import BlkifOp, BlkifRsp, XenbusState
+from blkif_spec.consts import BlkifOp, XenbusState
 from blkif_spec.drivers.backend import BackendConfig
 from blkif_spec.drivers.frontend import DeviceDisabled
 from blkif_spec.errors import RuleViolation
 from blkif_spec.harness import BackendUnderTest, TargetTimeout
 from blkif_spec.ring import need_notify
-from tests.conformance.conftest import exchange, expect
+from tests.conformance.conftest import EOPNOTSUPP, ERROR, OKAY, exchange, expect
 
-OKAY, ERROR, EOPNOTSUPP = int(BlkifRsp.OKAY), int(BlkifRsp.ERROR), int(BlkifRsp.EOPNOTSUPP)
 READ, WRITE = int(BlkifOp.READ), int(BlkifOp.WRITE)
 M32 = consts.RING_IDX_MASK
 SPP = consts.SECTORS_PER_PAGE

@@ -16,14 +16,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from blkif_spec import consts
-from blkif_spec.consts import BlkifOp, BlkifRsp
+from blkif_spec.consts import BlkifOp
 from blkif_spec.drivers.backend import BackendConfig
 from blkif_spec.factory import SlotFactory
 from blkif_spec.harness import BackendUnderTest
 from blkif_spec.model import pattern
-from tests.conformance.conftest import RAW_ID, backend_faults, expect, reply
+from tests.conformance.conftest import ERROR, OKAY, RAW_ID, backend_faults, expect, reply
 
-OKAY, ERROR = int(BlkifRsp.OKAY), int(BlkifRsp.ERROR)
 READ, WRITE, FLUSH = int(BlkifOp.READ), int(BlkifOp.WRITE), int(BlkifOp.FLUSH_DISKCACHE)
 SECTOR = consts.SECTOR_SIZE
 SIZES = [512, 4096]

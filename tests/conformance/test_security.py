@@ -44,14 +44,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from blkif_spec import codec, consts
-from blkif_spec.consts import BlkifOp, BlkifRsp, XenbusState
+from blkif_spec.consts import BlkifOp, XenbusState
 from blkif_spec.drivers import xsutil
 from blkif_spec.drivers.backend import BackendConfig
 from blkif_spec.harness import FrontendUnderTest, TargetTimeout
 from blkif_spec.xen.api import XenError, XenTimeout
-from tests.conformance.conftest import exchange, expect, require
+from tests.conformance.conftest import EOPNOTSUPP, ERROR, OKAY, exchange, expect, require
 
-OKAY, ERROR, EOPNOTSUPP = int(BlkifRsp.OKAY), int(BlkifRsp.ERROR), int(BlkifRsp.EOPNOTSUPP)
 STATUSES = (OKAY, ERROR, EOPNOTSUPP)
 READ, WRITE, BARRIER, FLUSH = (int(BlkifOp.READ), int(BlkifOp.WRITE), int(BlkifOp.WRITE_BARRIER),
                                int(BlkifOp.FLUSH_DISKCACHE))  # fmt: skip

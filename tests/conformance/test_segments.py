@@ -10,12 +10,11 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from blkif_spec.consts import BlkifOp, BlkifRsp
-from tests.conformance.conftest import RAW_ID, answer, expect
+from blkif_spec.consts import BlkifOp
+from tests.conformance.conftest import ERROR, OKAY, RAW_ID, answer, expect
 
 pytestmark = pytest.mark.role("backend")
 
-OKAY, ERROR, EOPNOTSUPP = int(BlkifRsp.OKAY), int(BlkifRsp.ERROR), int(BlkifRsp.EOPNOTSUPP)
 READ, WRITE = int(BlkifOp.READ), int(BlkifOp.WRITE)
 DISK_SECTORS = 8192  # the default 4 MiB disk of the harness
 

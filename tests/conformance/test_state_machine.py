@@ -40,9 +40,8 @@ from blkif_spec.errors import RuleViolation
 from blkif_spec.harness import BackendUnderTest, TargetTimeout
 from blkif_spec.xen.api import XenError
 from blkif_spec.xenbus import BackendMachine, FrontendMachine, Phase
-from tests.conformance.conftest import expect, released, settle
+from tests.conformance.conftest import OKAY, expect, released, settle
 
-OKAY = int(consts.BlkifRsp.OKAY)
 UNUSED_STATES = (2, 7, 8, 99)  # InitWait, Reconfiguring, Reconfigured, out of 0..8 (SM-30)
 
 

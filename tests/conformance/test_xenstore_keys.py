@@ -35,9 +35,8 @@ from blkif_spec.drivers.frontend import DeviceDisabled, Frontend, FrontendConfig
 from blkif_spec.harness import TargetTimeout
 from blkif_spec.xen.api import XenError, XenStoreError, XenTimeout
 from blkif_spec.xenbus import Phase
-from tests.conformance.conftest import REFUSED, backend_offer, connect_edited, expect, released, settle
+from tests.conformance.conftest import OKAY, REFUSED, backend_offer, connect_edited, expect, released, settle
 
-OKAY = int(consts.BlkifRsp.OKAY)
 #: Keys a dom0 backend may write into the frontend's directory (XK-3: QEMU does).
 DOM0_MAY_WRITE = frozenset({"virtual-device", "device-type"})
 TRANSPORT = ("max-ring-page-order", "multi-queue-max-queues", "feature-max-indirect-segments")
