@@ -94,6 +94,17 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="run only tests marked with one of these rule IDs (comma-separated)")  # fmt: skip
     group.addoption("--known-failures", type=Path, default=None, dest="known_failures",
                     help="TOML file of accepted divergences")  # fmt: skip
+    live = parser.getgroup("blkif-live", "blkif live mode (--backend=live / --frontend=live, root in dom0)")
+    live.addoption("--xen-device", default=None, dest="xen_device",
+                   help="the block device the live run may overwrite (required)")  # fmt: skip
+    live.addoption("--xen-backend-domid", type=int, default=0, dest="xen_backend_domid",
+                   help="domain of the backend under test (default 0)")  # fmt: skip
+    live.addoption("--xen-backend-kind", choices=("vbd", "qdisk"), default="vbd", dest="xen_backend_kind",
+                   help="vbd: Linux blkback (default); qdisk: QEMU xen-block")  # fmt: skip
+    live.addoption("--xen-vdev", default="xvdf", dest="xen_vdev",
+                   help="virtual device the suite creates (default xvdf; must not exist)")  # fmt: skip
+    live.addoption("--xen-allow-dataloss", action="store_true", dest="xen_allow_dataloss",
+                   help="accept a device that is mounted, in use or holds a filesystem")  # fmt: skip
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -224,12 +235,44 @@ class _Run:
         except LookupError as exc:
             raise pytest.UsageError(str(exc)) from None
         self.known = _load_known_failures(config.getoption("known_failures"))
+        self.live = self.snapshot = None
+        if "live" in self.specs.values():
+            self._start_live(config)
         self.report = report_mod.Report(
             targets={role: {"kind": "module" if ":" in spec else spec, "name": spec, "versions": {}}
                      for role, spec in self.specs.items()},
             strict=self.strict,
         )  # fmt: skip
         self.started = time.monotonic()
+
+    def _start_live(self, config: pytest.Config) -> None:
+        """Safety checks (LiveRefused -> usage error), then the XenStore snapshot to compare at the end."""
+        from blkif_spec import live
+        from blkif_spec.xen.live import LiveDomain
+
+        if self.specs["frontend"] == "live":
+            raise pytest.UsageError("--frontend=live: the kernel-blkfront run is not available yet")
+        self.live = live.LiveOptions(
+            config.getoption("xen_device"), config.getoption("xen_backend_domid"),
+            config.getoption("xen_backend_kind"), config.getoption("xen_vdev"),
+            config.getoption("xen_allow_dataloss"),
+        )  # fmt: skip
+        try:
+            live.check_safe(self.live)
+            self.live.vbd()
+        except live.LiveRefused as exc:
+            raise pytest.UsageError(str(exc)) from None
+        self.timeout = config.getoption("blkif_timeout") or 10.0
+        self._snapshot_domain = LiveDomain(timeout=self.timeout)
+        self.snapshot = live.XenStoreSnapshot(self._snapshot_domain.store)
+        versions = live.versions(self.live.backend_kind, self._snapshot_domain.store)
+        self.report.targets["backend"] = {"kind": "live", "name": live.KINDS[self.live.backend_kind],
+                                          "versions": versions}  # fmt: skip
+
+    def live_env(self, **kwargs: Any) -> Any:
+        from blkif_spec.live import LiveBackendUnderTest
+
+        return LiveBackendUnderTest(self.live, abi=kwargs.pop("abi", self.abi), **kwargs)
 
     def target_name(self, role: str) -> str:
         return self.specs[role]
@@ -263,6 +306,13 @@ class _Run:
         if hasattr(session.config, "workerinput"):
             return  # xdist worker: the controller writes the report
         self.report.duration_s = time.monotonic() - self.started
+        if self.snapshot is not None:
+            diff = self.snapshot.diff()
+            self.report.targets["backend"]["xenstore_diff"] = diff
+            self._snapshot_domain.close()
+            if diff:  # live mode must leave the host as it found it
+                session.exitstatus = pytest.ExitCode.TESTS_FAILED
+                print("blkif live: XenStore differs after the run:\n  " + "\n  ".join(diff[:40]))
         directory = session.config.getoption("conformance_report")
         if directory is not None:
             self.report.write(directory)
@@ -333,6 +383,8 @@ def backend_under_test(request: pytest.FixtureRequest) -> Iterator[Callable[...,
     run = _run(request.config)
 
     def cls(factory: Any, **kwargs: Any) -> Any:
+        if run.live is not None:
+            return run.live_env(**kwargs)
         return BackendUnderTest(factory, abi=kwargs.pop("abi", run.abi), **kwargs)
 
     yield from _factory_fixture(request, "backend", cls)
@@ -359,6 +411,8 @@ def shared_backend_under_test(request: pytest.FixtureRequest) -> Iterator[Callab
     run = _run(request.config)
 
     def cls(factory: Any, **kwargs: Any) -> Any:
+        if run.live is not None:
+            return run.live_env(**kwargs)
         return BackendUnderTest(factory, abi=kwargs.pop("abi", run.abi), **kwargs)
 
     yield from _factory_fixture(request, "backend", cls)

@@ -1,0 +1,115 @@
+"""Live mode's pure parts, off a Xen host: refusals, the device's signature, ioctl numbers,
+the XenStore snapshot, and the `--backend=live` usage errors."""
+
+from __future__ import annotations
+
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from blkif_spec import live
+from blkif_spec.xen import live as xen_live
+from blkif_spec.xen.sim import SimXen
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_ioctl_numbers_match_the_linux_uapi() -> None:
+    """The numbers the lab notes saw work on x86_64, and the rest from the same formula."""
+    assert xen_live.GNTALLOC_ALLOC_GREF == 0x184705
+    assert xen_live.EVTCHN_BIND_UNBOUND_PORT == 0x44502
+    assert xen_live.EVTCHN_NOTIFY == 0x44504
+    assert xen_live.EVTCHN_BIND_INTERDOMAIN == 0x84501
+    assert xen_live.GNTDEV_MAP_GRANT_REF == 0x184700
+    assert xen_live.GNTDEV_GRANT_COPY == 0x104708
+
+
+def test_grant_copy_segment_layout() -> None:
+    """`struct gntdev_grant_copy_segment`: two 8-byte unions, len, flags, status; 24 bytes."""
+    import ctypes
+
+    assert ctypes.sizeof(xen_live._Segment) == 24
+    packed = struct.pack("<IHH", 0x1234, 0x200, 7)  # {u32 ref; u16 offset; u16 domid}
+    assert xen_live._foreign(0x1234, 0x200, 7) == struct.unpack("<Q", packed)[0]
+
+
+@pytest.mark.parametrize(
+    ("vdev", "devid"), [("xvda", 51712), ("xvdd", 51760), ("xvdf", 51792)]
+)  # fmt: skip
+def test_vdev_numbers(vdev: str, devid: int) -> None:
+    assert live.LiveOptions("/dev/x", vdev=vdev).devid == devid
+
+
+def test_a_bad_vdev_is_refused_by_name() -> None:
+    with pytest.raises(live.LiveRefused, match="xvdzz"):
+        _ = live.LiveOptions("/dev/x", vdev="xvdzz").devid
+
+
+@pytest.mark.parametrize(("offset", "magic", "what"), live.SIGNATURES, ids=[s[2] for s in live.SIGNATURES])
+def test_data_on_the_device_is_recognised(tmp_path: Path, offset: int, magic: bytes, what: str) -> None:
+    disk = tmp_path / "disk"
+    data = bytearray(0x20000)
+    data[offset : offset + len(magic)] = magic
+    disk.write_bytes(bytes(data))
+    assert live.signature(str(disk)) == what
+
+
+def test_a_blank_device_has_no_signature(tmp_path: Path) -> None:
+    disk = tmp_path / "disk"
+    disk.write_bytes(bytes(0x20000))
+    assert live.signature(str(disk)) is None
+
+
+def test_outside_dom0_live_mode_refuses_with_the_reasons(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(xen_live, "preflight", lambda: ["not root (live mode needs root in dom0)"])
+    with pytest.raises(live.LiveRefused, match="needs root in a Xen dom0: not root"):
+        live.check_safe(live.LiveOptions("/dev/loop0"))
+
+
+@pytest.mark.parametrize(
+    ("device", "message"),
+    [(None, "needs the test device named"), ("/nonexistent/dev", "No such file"),
+     ("/etc/hostname", "not a block")],
+)  # fmt: skip
+def test_the_device_must_be_named_and_a_block_device(monkeypatch, device, message) -> None:
+    monkeypatch.setattr(xen_live, "preflight", lambda: [])
+    with pytest.raises(live.LiveRefused, match=message):
+        live.check_safe(live.LiveOptions(device))
+
+
+def test_snapshot_shows_what_a_run_left_behind() -> None:
+    with SimXen() as xen:
+        store = xen.dom0.store
+        store.write("/local/domain/0/backend/vbd/0/1/state", "1")
+        snap = live.XenStoreSnapshot(store)
+        assert snap.diff() == []
+        store.write("/local/domain/0/backend/vbd/0/2/state", "4")
+        store.rm("/local/domain/0/backend/vbd/0/1")
+        diff = snap.diff()
+    assert "+ /local/domain/0/backend/vbd/0/2/state='4'" in diff
+    assert "- /local/domain/0/backend/vbd/0/1/state" in diff
+
+
+def test_device_store_reads_what_was_written(tmp_path: Path) -> None:
+    disk = tmp_path / "disk"
+    disk.write_bytes(bytes(1 << 16))
+    store = live.DeviceStore(str(disk))
+    try:
+        store.write(4096, b"x" * 512)
+        assert store.read(4096, 512) == b"x" * 512
+        assert store.size == 1 << 16
+    finally:
+        store.close()
+
+
+def test_backend_live_off_a_xen_host_is_a_usage_error() -> None:
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", str(ROOT / "tests" / "conformance" / "test_ring.py"),
+         "--backend=live", "--xen-device=/dev/null", "-p", "no:cacheprovider", "-q"],
+        capture_output=True, text=True, cwd=ROOT, timeout=120,
+    )  # fmt: skip
+    assert run.returncode == pytest.ExitCode.USAGE_ERROR, run.stdout + run.stderr
+    assert "live mode needs root in a Xen dom0" in run.stderr
