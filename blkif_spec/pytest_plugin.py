@@ -248,31 +248,41 @@ class _Run:
     def _start_live(self, config: pytest.Config) -> None:
         """Safety checks (LiveRefused -> usage error), then the XenStore snapshot to compare at the end."""
         from blkif_spec import live
-        from blkif_spec.xen.live import LiveDomain
+        from blkif_spec.xen.live import LiveDomain, preflight
 
-        if self.specs["frontend"] == "live":
-            raise pytest.UsageError("--frontend=live: the kernel-blkfront run is not available yet")
         self.live = live.LiveOptions(
             config.getoption("xen_device"), config.getoption("xen_backend_domid"),
             config.getoption("xen_backend_kind"), config.getoption("xen_vdev"),
             config.getoption("xen_allow_dataloss"),
         )  # fmt: skip
         try:
-            live.check_safe(self.live)
+            if self.specs["backend"] == "live":
+                live.check_safe(self.live)
+            elif preflight():
+                raise live.LiveRefused("live mode needs root in a Xen dom0: " + "; ".join(preflight()))
             self.live.vbd()
         except live.LiveRefused as exc:
             raise pytest.UsageError(str(exc)) from None
         self.timeout = config.getoption("blkif_timeout") or 10.0
         self._snapshot_domain = LiveDomain(timeout=self.timeout)
         self.snapshot = live.XenStoreSnapshot(self._snapshot_domain.store)
-        versions = live.versions(self.live.backend_kind, self._snapshot_domain.store)
-        self.report.targets["backend"] = {"kind": "live", "name": live.KINDS[self.live.backend_kind],
-                                          "versions": versions}  # fmt: skip
+        if self.specs["backend"] == "live":
+            versions = live.versions(self.live.backend_kind, self._snapshot_domain.store)
+            self.report.targets["backend"] = {"kind": "live", "name": live.KINDS[self.live.backend_kind],
+                                              "versions": versions}  # fmt: skip
+        if self.specs["frontend"] == "live":
+            self.report.targets["frontend"] = {"kind": "live", "name": "Linux xen-blkfront",
+                                               "versions": {"linux": os.uname().release}}  # fmt: skip
 
-    def live_env(self, **kwargs: Any) -> Any:
-        from blkif_spec.live import LiveBackendUnderTest
+    def live_env(self, role: str, **kwargs: Any) -> Any:
+        """The live harness of `role`: dom0's blkback/qdisk, or dom0's kernel blkfront."""
+        if role == "backend":
+            from blkif_spec.live import LiveBackendUnderTest
 
-        return LiveBackendUnderTest(self.live, abi=kwargs.pop("abi", self.abi), **kwargs)
+            return LiveBackendUnderTest(self.live, abi=kwargs.pop("abi", self.abi), **kwargs)
+        from blkif_spec.live_frontend import LiveFrontendUnderTest
+
+        return LiveFrontendUnderTest(self.live, **kwargs)
 
     def target_name(self, role: str) -> str:
         return self.specs[role]
@@ -308,7 +318,9 @@ class _Run:
         self.report.duration_s = time.monotonic() - self.started
         if self.snapshot is not None:
             diff = self.snapshot.diff()
-            self.report.targets["backend"]["xenstore_diff"] = diff
+            for role, spec in self.specs.items():
+                if spec == "live":
+                    self.report.targets[role]["xenstore_diff"] = diff
             self._snapshot_domain.close()
             if diff:  # live mode must leave the host as it found it
                 session.exitstatus = pytest.ExitCode.TESTS_FAILED
@@ -383,8 +395,8 @@ def backend_under_test(request: pytest.FixtureRequest) -> Iterator[Callable[...,
     run = _run(request.config)
 
     def cls(factory: Any, **kwargs: Any) -> Any:
-        if run.live is not None:
-            return run.live_env(**kwargs)
+        if run.specs["backend"] == "live":
+            return run.live_env("backend", **kwargs)
         return BackendUnderTest(factory, abi=kwargs.pop("abi", run.abi), **kwargs)
 
     yield from _factory_fixture(request, "backend", cls)
@@ -395,7 +407,14 @@ def frontend_under_test(request: pytest.FixtureRequest) -> Iterator[Callable[...
     """`make(**options)` -> a `FrontendUnderTest` of `--frontend` (closed after the test)."""
     from blkif_spec.harness import FrontendUnderTest
 
-    yield from _factory_fixture(request, "frontend", FrontendUnderTest)
+    run = _run(request.config)
+
+    def cls(factory: Any, **kwargs: Any) -> Any:
+        if run.specs["frontend"] == "live":
+            return run.live_env("frontend", **kwargs)
+        return FrontendUnderTest(factory, **kwargs)
+
+    yield from _factory_fixture(request, "frontend", cls)
 
 
 # Module-scoped twins, for one observation that several tests judge (each with its own rules
@@ -411,8 +430,8 @@ def shared_backend_under_test(request: pytest.FixtureRequest) -> Iterator[Callab
     run = _run(request.config)
 
     def cls(factory: Any, **kwargs: Any) -> Any:
-        if run.live is not None:
-            return run.live_env(**kwargs)
+        if run.specs["backend"] == "live":
+            return run.live_env("backend", **kwargs)
         return BackendUnderTest(factory, abi=kwargs.pop("abi", run.abi), **kwargs)
 
     yield from _factory_fixture(request, "backend", cls)
@@ -423,7 +442,14 @@ def shared_frontend_under_test(request: pytest.FixtureRequest) -> Iterator[Calla
     """Like `frontend_under_test`, closed at the end of the module."""
     from blkif_spec.harness import FrontendUnderTest
 
-    yield from _factory_fixture(request, "frontend", FrontendUnderTest)
+    run = _run(request.config)
+
+    def cls(factory: Any, **kwargs: Any) -> Any:
+        if run.specs["frontend"] == "live":
+            return run.live_env("frontend", **kwargs)
+        return FrontendUnderTest(factory, **kwargs)
+
+    yield from _factory_fixture(request, "frontend", cls)
 
 
 @pytest.fixture
