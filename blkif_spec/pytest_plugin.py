@@ -235,15 +235,15 @@ class _Run:
         except LookupError as exc:
             raise pytest.UsageError(str(exc)) from None
         self.known = _load_known_failures(config.getoption("known_failures"))
-        self.live = self.snapshot = None
-        if "live" in self.specs.values():
-            self._start_live(config)
         self.report = report_mod.Report(
             targets={role: {"kind": "module" if ":" in spec else spec, "name": spec, "versions": {}}
                      for role, spec in self.specs.items()},
             strict=self.strict,
         )  # fmt: skip
         self.started = time.monotonic()
+        self.live = self.snapshot = None
+        if "live" in self.specs.values():
+            self._start_live(config)
 
     def _start_live(self, config: pytest.Config) -> None:
         """Safety checks (LiveRefused -> usage error), then the XenStore snapshot to compare at the end."""
