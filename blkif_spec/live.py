@@ -221,16 +221,37 @@ class XenStoreSnapshot:
         return added + removed
 
 
+def missing_parents(store: XenStore, vbd: toolstack.Vbd) -> list[str]:
+    """The directories above the device's two directories that creating them will add."""
+    found = []
+    for path in (vbd.backend_path, vbd.frontend_path):
+        parts = path.split("/")
+        for i in range(5, len(parts)):  # below /local/domain/<id>, never that home itself
+            parent = "/".join(parts[:i])
+            if parent not in found and store.read(parent) is None:
+                found.append(parent)
+    return found
+
+
+def remove_if_empty(store: XenStore, paths: list[str]) -> None:
+    """Remove the directories we added, deepest first, where nothing else lives now."""
+    for path in sorted(paths, key=lambda p: -p.count("/")):
+        with contextlib.suppress(XenError):
+            if store.read(path) is not None and not store.directory(path):
+                store.rm(path)
+
+
 class LiveBackendUnderTest(BackendUnderTest):
     """`BackendUnderTest` for a real backend: dom0's blkback, or QEMU's qdisk, on `--xen-device`."""
 
-    def __init__(self, options: LiveOptions, *, timeout: float = 10.0, readonly: bool = False,
+    def __init__(self, live: LiveOptions, *, timeout: float = 10.0, readonly: bool = False,
                  discard: bool = True, abi: str = "x86_64-abi", start: bool = True,
                  **ignored: Any) -> None:  # fmt: skip
         # `size`, `options` (module parameters) and `record_grants` are simulation choices:
         # the real device has its own size and the real backend its own parameters.
+        options = live
         self.timeout = timeout
-        self.live = options
+        self.live = live
         device = os.path.realpath(options.device or "")
         self.xen = LiveHost(timeout)
         self.vbd = options.vbd()
@@ -244,6 +265,7 @@ class LiveBackendUnderTest(BackendUnderTest):
         self.closed = False
         self.abi = abi
         params = f"aio:{device}" if options.backend_kind == "qdisk" else device
+        self._new_dirs = missing_parents(self.dom0, self.vbd)
         toolstack.create(self.dom0, self.vbd, readonly=readonly, discard=discard, params=params)
         self.device = device
         self._peer_domain = xen_live.LiveDomain(DOM0, timeout=timeout)
@@ -279,6 +301,7 @@ class LiveBackendUnderTest(BackendUnderTest):
         finally:
             try:
                 toolstack.destroy(self.dom0, self.vbd)
+                remove_if_empty(self.dom0, self._new_dirs)
             finally:
                 self.store.close()
                 self._peer_domain.close()

@@ -24,7 +24,7 @@ from blkif_spec.drivers.backend import Backend, BackendConfig
 from blkif_spec.drivers.frontend import Completion
 from blkif_spec.drivers.store import MemoryStore
 from blkif_spec.harness import DISK_SIZE, FrontendUnderTest, TargetTimeout
-from blkif_spec.live import DOM0, LiveHost, LiveOptions, LiveRefused
+from blkif_spec.live import DOM0, LiveHost, LiveOptions, LiveRefused, missing_parents, remove_if_empty
 from blkif_spec.xen import live as xen_live
 from blkif_spec.xen.api import XenError
 
@@ -135,9 +135,10 @@ class KernelBlkfront:
 class LiveFrontendUnderTest(FrontendUnderTest):
     """`FrontendUnderTest` for dom0's kernel blkfront, served by the suite's reference backend."""
 
-    def __init__(self, options: LiveOptions, *, timeout: float = 10.0, size: int = DISK_SIZE,
+    def __init__(self, live: LiveOptions, *, timeout: float = 10.0, size: int = DISK_SIZE,
                  readonly: bool = False, discard: bool = True, backend: BackendConfig | None = None,
                  **ignored: Any) -> None:  # fmt: skip
+        options = live
         self.timeout = timeout
         self.xen = LiveHost(timeout)
         letter = options.vdev.removeprefix("xvd")
@@ -153,6 +154,7 @@ class LiveFrontendUnderTest(FrontendUnderTest):
         self.readonly = readonly
         self.destroyed = False
         self.closed = False
+        self._new_dirs = missing_parents(self.dom0, self.vbd)
         toolstack.create(self.dom0, self.vbd, readonly=readonly, discard=discard, params="suite")
         self._peer_domain = xen_live.LiveDomain(DOM0, timeout=timeout)
         self.peer = Backend(self._peer_domain, self.vbd.backend_path, self.store, backend or BackendConfig())
@@ -176,6 +178,7 @@ class LiveFrontendUnderTest(FrontendUnderTest):
         finally:
             try:
                 toolstack.destroy(self.dom0, self.vbd)
+                remove_if_empty(self.dom0, self._new_dirs)
                 _gone(f"/dev/{self.vbd.dev}", self.timeout)
             finally:
                 self._peer_domain.close()

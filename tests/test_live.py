@@ -113,3 +113,37 @@ def test_backend_live_off_a_xen_host_is_a_usage_error() -> None:
     )  # fmt: skip
     assert run.returncode == pytest.ExitCode.USAGE_ERROR, run.stdout + run.stderr
     assert "live mode needs root in a Xen dom0" in run.stderr
+
+
+def test_parents_the_device_adds_are_removed_again() -> None:
+    """Creating a vbd adds backend/vbd/<fe> and device/vbd when absent: live mode removes them."""
+    from blkif_spec import toolstack
+
+    with SimXen() as xen:
+        store = xen.dom0.store
+        before = live.XenStoreSnapshot(store)
+        vbd = toolstack.Vbd(0, 0, 51792, "vbd", "xvdf")
+        added = live.missing_parents(store, vbd)
+        assert added == ["/local/domain/0/backend", "/local/domain/0/backend/vbd",
+                         "/local/domain/0/backend/vbd/0", "/local/domain/0/device",
+                         "/local/domain/0/device/vbd"]  # fmt: skip
+        toolstack.create(store, vbd)
+        toolstack.destroy(store, vbd)
+        live.remove_if_empty(store, added)
+        assert before.diff() == []
+        assert store.read("/local/domain/0/backend") is None
+
+
+def test_a_parent_someone_else_uses_is_kept() -> None:
+    from blkif_spec import toolstack
+
+    with SimXen() as xen:
+        store = xen.dom0.store
+        vbd = toolstack.Vbd(0, 0, 51792, "vbd", "xvdf")
+        added = live.missing_parents(store, vbd)
+        toolstack.create(store, vbd)
+        store.write("/local/domain/0/backend/vbd/0/51712/state", "4")  # another device appeared meanwhile
+        toolstack.destroy(store, vbd)
+        live.remove_if_empty(store, added)
+        assert store.read("/local/domain/0/backend/vbd/0/51712/state") == "4"
+        assert store.read("/local/domain/0/device/vbd") is None

@@ -100,7 +100,6 @@ class RingServer:
         self.stats = ServeStats()
         self._persistent: dict[int, Mapping] = {}
         c = codec.codecs(abi)
-        self._rw = c.request_rw
         self._rw_unpack = c.request_rw.unpack_from
         # A request with at most one segment is parsed by a prefix of the layout (header and
         # seg[0]): the same tuple positions, without unpacking ten unused segments.
