@@ -668,6 +668,23 @@ def test_a_status_outside_the_spec_is_an_error(frontend_under_test, record_varia
 
 
 @pytest.mark.role("frontend")
+@pytest.mark.rule("OP-6")
+def test_a_failed_read_delivers_no_data(frontend_under_test) -> None:
+    """A READ answered ERROR fails and hands no bytes on: what sits in its pages is not the disk's data."""
+    env = frontend_under_test(backend=BackendConfig(max_queues=1))
+    env.attach()
+    be = env.peer
+    io, taken = _held_request(env, "read", 0, 8)
+    rid, op, _ = _parse(be, taken[0])
+    be.raw_respond(rid, op, ERROR)
+    be.raw_publish(0)
+    kind, value = io.outcome(env.timeout / 2)
+    expect("OP-6", False, _ok(kind, value), f"a read answered ERROR {_said(kind, value)}")
+    if kind == "done":
+        expect("OP-6", b"", value.data, "the data of a read answered ERROR")
+
+
+@pytest.mark.role("frontend")
 @pytest.mark.rule("SEC-24")
 def test_first_use_pages_hold_nothing_but_the_data(frontend_under_test) -> None:
     """XSA-403 with trusted=0: the ring and a first-use data page are zero outside what was written."""
