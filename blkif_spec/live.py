@@ -15,8 +15,10 @@ the run (`XenStoreSnapshot`): the difference must be empty.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import stat
+import struct
 import subprocess
 import time
 from dataclasses import dataclass
@@ -31,7 +33,8 @@ from blkif_spec.xen.api import XenError, XenStore
 
 DOM0 = 0
 KINDS = {"vbd": "Linux blkback", "qdisk": "QEMU xen-block"}
-VDEV_BASE = 202 << 8  # xvd*: (202 << 8) | (index << 4)
+VDEV_BASE = 202 << 8
+BLKZEROOUT = 0x127F  # _IO(0x12, 127)  # xvd*: (202 << 8) | (index << 4)
 
 # Signatures that say a device holds data (offset, magic): refused without --xen-allow-dataloss.
 SIGNATURES = (
@@ -161,6 +164,19 @@ class DeviceStore:
     def resize(self, size: int) -> None:
         raise NotImplementedError("live mode does not resize the test device")
 
+    def zero(self, head: int = 8 << 20) -> None:
+        """Zero the device, so each test starts from the blank disk the simulation gives it.
+
+        BLKZEROOUT is cheap on a loop device over a sparse file (a hole punched); where it
+        fails, the first `head` bytes and the last MiB, the ranges tests use, are written."""
+        try:
+            fcntl.ioctl(self._fd, BLKZEROOUT, bytearray(struct.pack("QQ", 0, self.size)))
+        except OSError:
+            for offset, length in ((0, min(head, self.size)), (max(self.size - (1 << 20), 0), 1 << 20)):
+                os.pwrite(self._fd, bytes(min(length, self.size - offset)), offset)
+            os.fsync(self._fd)
+        self._drop_cache()
+
     def close(self) -> None:
         if self._fd >= 0:
             os.close(self._fd)
@@ -224,7 +240,11 @@ class XenStoreSnapshot:
 def missing_parents(store: XenStore, vbd: toolstack.Vbd) -> list[str]:
     """The directories above the device's two directories that creating them will add."""
     found = []
-    for path in (vbd.backend_path, vbd.frontend_path):
+    paths = [vbd.backend_path, vbd.frontend_path]
+    for domid, path in ((vbd.backend_domid, vbd.backend_path), (vbd.frontend_domid, vbd.frontend_path)):
+        home = f"/local/domain/{domid}"
+        paths.append(f"{home}/error/{path.removeprefix(home + '/')}")  # where a driver reports errors
+    for path in paths:
         parts = path.split("/")
         for i in range(5, len(parts)):  # below /local/domain/<id>, never that home itself
             parent = "/".join(parts[:i])
@@ -259,6 +279,7 @@ class LiveBackendUnderTest(BackendUnderTest):
             self.xen.close()
             raise LiveRefused(f"{self.vbd.backend_path} or its frontend exists already: not ours to replace")
         self.store = DeviceStore(device, readonly)
+        self.store.zero()
         self.readonly = readonly
         self.target = None
         self.destroyed = False

@@ -136,7 +136,7 @@ def replies(env: BackendUnderTest, raw: Sequence[bytes], *, queue: int = 0) -> l
     while (ready := ring.unconsumed_responses()) < len(pending):
         if time.monotonic() > deadline:
             raise TargetTimeout(f"{ready} of {len(pending)} raw requests answered within {env.timeout:g} s")
-        fe.xen.evtchn.wait(0.01)
+        fe.evtchn.wait(0.01)
     rsp = codec.codecs(fe.config.protocol).response
     echoed = {}
     for i in range(len(pending)):
@@ -167,14 +167,14 @@ def exchange(env: BackendUnderTest, raw: Sequence[bytes], *, queue: int = 0) -> 
     for slot in raw:
         ring.put_request(slot)
     if ring.push_requests():
-        fe.xen.evtchn.notify(ring_view.port)
+        fe.evtchn.notify(ring_view.port)
     rsp = codec.codecs(fe.config.protocol).response
     at = rsp.index("id"), rsp.index("operation"), rsp.index("status")
     deadline = time.monotonic() + env.timeout
     while (ready := ring.unconsumed_responses()) < len(raw):
         if time.monotonic() > deadline:
             raise TargetTimeout(f"{ready} of {len(raw)} raw requests answered within {env.timeout:g} s")
-        fe.xen.evtchn.wait(0.002)
+        fe.evtchn.wait(0.002)
     out = []
     for _ in range(ring.unconsumed_responses()):
         values = rsp.unpack_from(ring.get_response())

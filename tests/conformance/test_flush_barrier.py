@@ -59,7 +59,7 @@ def until_answered(env: BackendUnderTest, pending) -> None:
             break
         if time.monotonic() > deadline:
             raise TargetTimeout(f"no answer to operation {pending.operation} within {env.timeout:g} s")
-        fe.xen.evtchn.wait(0.005)
+        fe.evtchn.wait(0.005)
 
 
 def on_disk(env: BackendUnderTest, sector: int, length: int) -> bytes:

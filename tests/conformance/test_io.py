@@ -193,7 +193,7 @@ class BackendIO(RuleBasedStateMachine):
             if barrier.done is None:
                 if time.monotonic() > deadline:
                     raise TargetTimeout(f"no answer to a BARRIER within {self.env.timeout:g} s")
-                self.fe.xen.evtchn.wait(0.005)
+                self.fe.evtchn.wait(0.005)
         status = barrier.done.status
         expect("FL-1.a", {OKAY, EOPNOTSUPP}, status, f"BARRIER after {len(issued)} writes on queue {queue}")
         if status == OKAY:
@@ -428,7 +428,7 @@ def test_absent_protocol_means_x86_32_or_native(backend_under_test, record_varia
     while not ring.unconsumed_responses():
         if time.monotonic() > deadline:
             raise TargetTimeout(f"no answer to the probe within {env.timeout:g} s")
-        fe.xen.evtchn.wait(0.01)
+        fe.evtchn.wait(0.01)
     rid = codec.codecs(consts.X86_64_ABI).response.unpack_from(fe.ring_slot(ring.rsp_cons))[0]
     taken = next((abi for abi, i in ids.items() if i == rid), None)
     expect("DIV-9", set(ids), taken, f"the probe's id as answered: {rid:#x} ({ids})")

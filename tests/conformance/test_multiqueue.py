@@ -83,7 +83,7 @@ def rebuild(keys: dict[str, str], grefs: list[list[int]], ports: list[int]) -> d
 def decoy_ring(env: BackendUnderTest, order: int) -> tuple[list[int], int]:
     """Granted pages and an unbound port no ring of ours uses (a backend that maps them read wrong keys)."""
     grefs = [env.peer.raw_grant()[0] for _ in range(1 << order)]
-    return grefs, env.peer.xen.evtchn.alloc_unbound(env.peer.backend_id)
+    return grefs, env.peer.evtchn.alloc_unbound(env.peer.backend_id)
 
 
 def connect(env: BackendUnderTest, rule: str, what: str, **frontend):
@@ -120,7 +120,7 @@ def io_on_every_queue(env: BackendUnderTest, rule: str, salt: int) -> None:
 def notified_on(env: BackendUnderTest, queue: int, port: int, salt: int) -> set[int]:
     """Ports that fired while queue `queue` answered one WRITE (drained first); bounded."""
     fe = env.peer
-    ev = fe.xen.evtchn
+    ev = fe.evtchn  # the suite frontend's own handle: its ports' events come to it only
     fe.poll()
     ev.wait(0)
     pending = fe.submit_rw(WRITE, 512 + queue * SPP, payload(queue, salt), queue=queue)

@@ -42,7 +42,7 @@ UNKNOWN_OPS = (4, 7, 99, 255)  # RESERVED_1 and beyond the table (OP-1)
 def late_responses(env) -> list:
     """What the suite's frontend rejected after a short grace period: a second answer to a
     request already answered arrives as an unknown id (SEC-21) and lands here."""
-    env.peer.xen.evtchn.wait(0.02)
+    env.peer.evtchn.wait(0.02)
     env.peer.poll()
     return [str(v) for v in env.peer.violations]
 

@@ -96,7 +96,7 @@ def test_requests_pushed_under_the_holdoff_rule_are_served(connected_backend, re
             shared.req_prod = pos
             tally["pushes"] += 1
             if need_notify(old, pos, shared.req_event):
-                fe.xen.evtchn.notify(raw.port)
+                fe.evtchn.notify(raw.port)
             else:
                 tally["silent"] += 1
             if pause:
@@ -147,16 +147,16 @@ def test_the_backend_notifies_when_asked(connected_backend, slots) -> None:
     raw = fe.raw_ring(0)
     ring = raw.ring
     gref = fe.raw_grant()[0]
-    fe.xen.evtchn.wait(0)  # drop anything pending
+    fe.evtchn.wait(0)  # drop anything pending
     for k in range(20):
         ring.shared.rsp_event = ring.rsp_cons + 1  # RING-7 on our side: wake us for the next response
         ring.put_request(slots.rw(READ, HIGH_ID | k, 0, [(gref, 0, 7)]))
         if ring.push_requests():
-            fe.xen.evtchn.notify(raw.port)
+            fe.evtchn.notify(raw.port)
         deadline = time.monotonic() + env.timeout
         woken = False
         while time.monotonic() < deadline and not (woken and ring.unconsumed_responses()):
-            woken |= raw.port in fe.xen.evtchn.wait(max(deadline - time.monotonic(), 0))
+            woken |= raw.port in fe.evtchn.wait(max(deadline - time.monotonic(), 0))
         published = ring.unconsumed_responses()
         if not published:
             raise TargetTimeout(f"request {k}: no response within {env.timeout:g} s")
@@ -272,7 +272,7 @@ def test_a_producer_jump_past_the_ring_is_contained(connected_backend, slots, re
     for _ in range(beyond):
         ring.next_request_slot()  # RING-9: published, never written
     ring.push_requests()
-    fe.xen.evtchn.notify(raw.port)
+    fe.evtchn.notify(raw.port)
     last, quiet, deadline = shared.rsp_prod, time.monotonic(), time.monotonic() + env.timeout
     while time.monotonic() - quiet < 0.15 and time.monotonic() < deadline:
         time.sleep(0.01)

@@ -153,7 +153,7 @@ def _race(env, slot: bytes, offset: int, a: int, b: int) -> tuple[int, int, int]
     idx = ring.put_request(slot)
     view = ring.shared.slot_view(idx)
     if ring.push_requests():
-        fe.xen.evtchn.notify(raw.port)
+        fe.evtchn.notify(raw.port)
     deadline = time.monotonic() + env.timeout
     flips = 0
     while not ring.unconsumed_responses():
@@ -474,7 +474,7 @@ def test_a_notification_storm_does_not_stop_service(connected_backend, record_va
 
     def storm() -> None:
         while not stop.is_set() and sent[0] < 10000:
-            fe.xen.evtchn.notify(raw.port)
+            fe.evtchn.notify(raw.port)
             sent[0] += 1
 
     storm_thread = threading.Thread(target=storm, name="event-storm", daemon=True)
