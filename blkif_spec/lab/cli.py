@@ -16,7 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from blkif_spec.lab import LabError, debian, image, plan, project, qemu, results, vm
+from blkif_spec.lab import LabError, debian, image, interop, plan, project, qemu, results, vm
 from blkif_spec.lab.cache import default_cache_dir
 from blkif_spec.lab.proc import say
 
@@ -40,6 +40,10 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help="bound on boot + jobs, s (480)")
     r.add_argument("--cache", type=Path, help="default $BLKIF_LAB_CACHE or ~/.cache/blkif-conformance/lab")
     r.add_argument("--job", action="append", default=[], metavar="NAME", help="run only this job (repeated)")
+    r.add_argument("--scope", choices=plan.SCOPES, default="full",
+                   help="full: every test of each role (default); quick: a few per area (CI)")  # fmt: skip
+    r.add_argument("--no-reference", action="store_true",
+                   help="leave the reference columns out of the interop matrix (no host runs)")  # fmt: skip
     return p
 
 
@@ -58,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         if path is not None and not path.exists():
             p.error(f"--{opt} {path}: no such file or folder")
     try:
-        jobs = plan.select(plan.DEFAULT_PLAN, args.job)
+        jobs = plan.select(plan.plan_for(args.scope), args.job)
     except ValueError as e:
         p.error(str(e))
     return run(args, jobs)
@@ -151,6 +155,11 @@ def run(args: argparse.Namespace, jobs: list[plan.Job]) -> int:
     info = results.guest_info(out)
     versions.update({f"guest {k}": v for k, v in info.items()})
     found = results.collect(out, jobs)
+    if error is None:
+        try:
+            interop.build(PROJECT, out, reference=not args.no_reference, scope=args.scope)
+        except (OSError, ValueError) as e:  # the matrix is a view of the reports: say so, do not fail the run
+            say(f"interop: no matrix: {e}")
     rec = results.record(phases=phases, hits=hits, versions=versions, results=found, error=error, extra=extra)
     (out / "lab.json").write_text(json.dumps(rec, indent=2) + "\n")
     print(results.summary(rec, found))

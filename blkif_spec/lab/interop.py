@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from blkif_spec import matrix
+from blkif_spec.lab.plan import QUICK
 from blkif_spec.lab.proc import say
 
 # (role, column name, job folder) of every live job whose report joins the matrix
@@ -25,11 +26,13 @@ LIVE_COLUMNS = (
 REFERENCE_TIMEOUT = 600
 
 
-def run_reference(project: Path, out: Path, role: str) -> Path | None:
-    """The conformance suite of one role against the reference pair, on the host; its report.json."""
+def run_reference(project: Path, out: Path, role: str, scope: str = "full") -> Path | None:
+    """The same tests of one role against the reference pair, on the host; its report.json."""
     folder = out / f"reference-{role}"
     argv = [sys.executable, "-m", "pytest", "tests/conformance", f"--blkif-role={role}", "-q",
             "-p", "no:cacheprovider", f"--conformance-report={folder}"]  # fmt: skip
+    if scope == "quick":
+        argv += ["-k", " or ".join(QUICK[role])]
     try:
         run = subprocess.run(argv, cwd=project, capture_output=True, text=True, timeout=REFERENCE_TIMEOUT)
     except subprocess.TimeoutExpired:
@@ -41,7 +44,7 @@ def run_reference(project: Path, out: Path, role: str) -> Path | None:
     return report if report.exists() else None
 
 
-def build(project: Path, out: Path, *, reference: bool = True) -> Path | None:
+def build(project: Path, out: Path, *, reference: bool = True, scope: str = "full") -> Path | None:
     """Write OUT/matrix.md and matrix.json from the live reports found; None when there are none."""
     found = [(role, name, out / job / "report.json") for role, name, job in LIVE_COLUMNS
              if (out / job / "report.json").exists()]  # fmt: skip
@@ -51,7 +54,7 @@ def build(project: Path, out: Path, *, reference: bool = True) -> Path | None:
     for role in ("backend", "frontend"):
         columns = {}
         if reference:
-            ref = run_reference(project, out, role) if any(r == role for r, _, _ in found) else None
+            ref = run_reference(project, out, role, scope) if any(r == role for r, _, _ in found) else None
             if ref is not None:
                 columns[f"reference {role}"] = json.loads(ref.read_text())
         columns.update({name: json.loads(path.read_text()) for r, name, path in found if r == role})
