@@ -303,6 +303,74 @@ class _Run:
             self.store.close()
 
 
+class _LiveRun(_Run):
+    """One queue count against a live backend (`--backend=live`): the suite's frontend over dom0's
+    grant and event-channel devices, the real backend's kernel threads serving the rings."""
+
+    def __init__(self, live, queues: int) -> None:  # a blkif_spec.live.LiveOptions
+        from blkif_spec.live import LiveBackendUnderTest
+
+        self.queues = queues
+        self.env = LiveBackendUnderTest(live, timeout=20.0)
+        neg = self.env.connect(max_queues=queues, max_ring_page_order=RING_ORDER, persistent=True)
+        if neg.queues != queues or not neg.persistent:
+            self.env.close()
+            wanted = f"{queues} queues, persistent grants"
+            raise XenError(f"the live backend negotiated {neg.as_report()}: wanted {wanted}")
+        fe = self.env.peer
+        self.loads = []
+        for q in range(queues):
+            raw = fe.raw_queue(q, raw_size := 32 << neg.ring_page_order)
+            requests, expected = _chunks(raw, seed=q + 1, handle=fe.config.handle)
+            self.loads.append(_Load(raw, raw.ring.shared.entry_size, raw_size // 2, requests, expected))
+        self.notify = fe.evtchn.notify
+        self.workers = []  # the backend's kernel threads: their CPU is not ours to read
+        self.responses = [0] * queues
+        self.worker_cpu = [0.0] * queues
+        self.elapsed = self.generator_cpu = self.parent_cpu = self.others_cpu = 0.0
+
+    def finish(self) -> dict:
+        fe = self.env.peer
+        try:
+            data_ok = _data_check(fe, self.queues)
+        finally:
+            self.close()
+        result = {
+            "queues": self.queues,
+            "iops": sum(self.responses) / self.elapsed,
+            "iops_per_queue": [n / self.elapsed for n in self.responses],
+            "seconds": self.elapsed,
+            "responses": sum(self.responses),
+            "bad_responses": {kind: sum(load.bad[kind] for load in self.loads) for kind in self.loads[0].bad},
+            "data_ok": data_ok,
+            "errors": [str(v) for v in fe.violations],
+            "cpu_s": {"backend_workers": [], "generator": round(self.generator_cpu, 3),
+                      "parent_process": round(self.parent_cpu, 3),
+                      "other_processes": round(self.others_cpu, 3)},
+        }  # fmt: skip
+        return result
+
+    def close(self) -> None:
+        self.env.close()
+
+
+def measure_live(live, queue_counts: list[int], seconds: float, *, slice_s: float = 0.5) -> list[dict]:
+    """`measure` against a live backend: one connection at a time (one test device), no interleaving."""
+    results = []
+    for q in queue_counts:
+        run = _LiveRun(live, q)
+        try:
+            run.warm(0.3)
+            slices = max(1, round(seconds / slice_s))
+            for _ in range(slices):
+                run.slice(seconds / slices)
+        except BaseException:
+            run.close()
+            raise
+        results.append(run.finish())
+    return results
+
+
 def measure(
     queue_counts: list[int], seconds: float, *, slice_s: float = 0.5, warmup: float = 0.3
 ) -> list[dict]:
@@ -353,7 +421,24 @@ def _data_check(fe: Frontend, queues: int) -> bool:
 
 def run(args: argparse.Namespace) -> int:
     cores = os.cpu_count() or 1
-    results = measure(args.queues, args.seconds, slice_s=args.slice)
+    target = "reference pair"
+    if args.backend == "live":
+        from blkif_spec import live
+
+        options = live.LiveOptions(args.xen_device, 0, args.xen_backend_kind, args.xen_vdev,
+                                   args.xen_allow_dataloss)  # fmt: skip
+        try:
+            live.check_safe(options)
+        except live.LiveRefused as exc:
+            print(f"bench iops: {exc}")
+            return 2
+        target = f"live {live.KINDS[options.backend_kind]} on {options.device}"
+        results = measure_live(options, args.queues, args.seconds, slice_s=args.slice)
+    elif args.backend != "reference":
+        print(f"bench iops: --backend {args.backend!r}: reference or live")
+        return 2
+    else:
+        results = measure(args.queues, args.seconds, slice_s=args.slice)
     one = next((r["iops"] for r in results if r["queues"] == 1), None)
     for r in results:
         r["vs_1q"] = r["iops"] / one if one else None
@@ -363,7 +448,7 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps({"cores": cores, "ring_order": RING_ORDER, "seconds": args.seconds,
                           "results": results}, indent=2))  # fmt: skip
         return 1 if failed else 0
-    print(f"bench iops: reference pair, 4 KiB random read/write (50/50), ring order {RING_ORDER}, "
+    print(f"bench iops: {target}, 4 KiB random read/write (50/50), ring order {RING_ORDER}, "
           f"persistent grants, {cores} cores, {args.seconds:g} s per queue count")  # fmt: skip
     print(f"{'queues':<8}{'IOPS':>9}{'vs 1q':>8}   {'cpu s (backend workers)':<27}{'(generator)':<13}"
           f"{'(parent)':<10}{'(others)':<10}{'bad':>4}")  # fmt: skip
@@ -391,4 +476,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seconds", type=float, default=3.0, help="measured window per queue count (default 3)")
     p.add_argument("--queues", type=int, nargs="+", default=[1, 2, 4], help="queue counts (default 1 2 4)")
     p.add_argument("--slice", type=float, default=0.5, help="queue counts take turns in slices this long")
+    p.add_argument("--backend", default="reference", help="reference (default) or live (root in dom0)")
+    p.add_argument("--xen-device", default=None, help="live: the block device the run may overwrite")
+    p.add_argument("--xen-backend-kind", choices=("vbd", "qdisk"), default="vbd", help="live: vbd or qdisk")
+    p.add_argument("--xen-vdev", default="xvdf", help="live: the virtual device created (default xvdf)")
+    p.add_argument("--xen-allow-dataloss", action="store_true", help="live: accept a device holding data")
     p.set_defaults(run=run)
