@@ -81,8 +81,12 @@ def plan_for(scope: str = "full") -> tuple[Job, ...]:
         Job("live-blkfront", live_suite("frontend", "--frontend=live --xen-vdev=xvdh", scope), timeout=limit),
         # bench iops against the live blkback: a smoke test here (TCG figures mean little); dom0 has 2
         # vCPUs, so blkback offers 2 queues.
-        Job("bench-iops", "python3 -m blkif_spec.bench iops --backend=live --xen-device=/dev/loop3 "
-            "--xen-vdev=xvdi --seconds 1 --queues 1 2 --json > $LAB_OUT/iops.json", timeout=300),  # fmt: skip
+        Job(
+            "bench-iops",
+            "python3 -m blkif_spec.bench iops --backend=live --xen-device=/dev/loop3 "
+            "--xen-vdev=xvdi --seconds 1 --queues 1 2 --json > $LAB_OUT/iops.json",
+            timeout=300,
+        ),
         # The trees the real drivers write, recorded as fixtures (xl block-attach + kernel blkfront).
         Job("record", "python3 -m blkif_spec.lab.record --device /dev/loop2 --out $LAB_OUT", timeout=240),
     )
