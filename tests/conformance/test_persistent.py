@@ -96,6 +96,7 @@ def test_frontend_without_persistent_grants(connected_backend, record_variant) -
             expect("PG-4", data, env.peer.read(8 * i, 24).data, f"read back #{i}")
     expect("PG-1", ring_only, mappings(env), "backend mappings after 32 requests (the rings only)")
     own = env.backend_tree().get("feature-persistent")
+    env.close()  # one device at a time (a live host has one test device)
     other = connected_backend().backend_tree().get("feature-persistent")
     expect("PG-1", other, own, "the backend's feature-persistent with a frontend saying 0 vs 1")
     expect("PG-1", {None, "0", "1"}, own, "backend feature-persistent")

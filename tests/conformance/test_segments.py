@@ -16,7 +16,6 @@ from tests.conformance.conftest import ERROR, OKAY, RAW_ID, answer, expect
 pytestmark = pytest.mark.role("backend")
 
 READ, WRITE = int(BlkifOp.READ), int(BlkifOp.WRITE)
-DISK_SECTORS = 8192  # the default 4 MiB disk of the harness
 
 
 @pytest.mark.rule("SEG-1", "SEC-2")
@@ -65,14 +64,15 @@ def test_requests_outside_the_disk_fail(connected_backend, slots) -> None:
     """sector_number + sectors must stay inside the disk, with no 64-bit wrap."""
     env = connected_backend()
     gref = env.peer.raw_grant()[0]
+    disk = int(env.backend_tree()["sectors"])  # the size the backend announced (XK-B34)
 
-    @given(sector=st.one_of(st.integers(DISK_SECTORS - 16, DISK_SECTORS + 16), st.integers(2**63, 2**64 - 1)))
-    @example(sector=DISK_SECTORS - 7)  # ends one sector past the disk
+    @given(sector=st.one_of(st.integers(disk - 16, disk + 16), st.integers(2**63, 2**64 - 1)))
+    @example(sector=disk - 7)  # ends one sector past the disk
     @example(sector=2**64 - 8)  # sector_number + 8 wraps to 0
     @example(sector=2**63)  # sector_number * 512 wraps to 0
     def check(sector: int) -> None:
         status = answer(env, slots.rw(READ, RAW_ID, sector, [(gref, 0, 7)]))
-        inside = sector + 8 <= DISK_SECTORS
+        inside = sector + 8 <= disk
         expect("SEG-7", OKAY if inside else ERROR, status, f"8-sector READ at sector {sector}")
 
     check()
