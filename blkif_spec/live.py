@@ -237,8 +237,8 @@ class XenStoreSnapshot:
         return added + removed
 
 
-def missing_parents(store: XenStore, vbd: toolstack.Vbd) -> list[str]:
-    """The directories above the device's two directories that creating them will add."""
+def ancestors(vbd: toolstack.Vbd) -> list[str]:
+    """The directories above a device's two directories and its error nodes, below the domain homes."""
     found = []
     paths = [vbd.backend_path, vbd.frontend_path]
     for domid, path in ((vbd.backend_domid, vbd.backend_path), (vbd.frontend_domid, vbd.frontend_path)):
@@ -248,9 +248,14 @@ def missing_parents(store: XenStore, vbd: toolstack.Vbd) -> list[str]:
         parts = path.split("/")
         for i in range(5, len(parts)):  # below /local/domain/<id>, never that home itself
             parent = "/".join(parts[:i])
-            if parent not in found and store.read(parent) is None:
+            if parent not in found:
                 found.append(parent)
     return found
+
+
+def missing_parents(store: XenStore, vbd: toolstack.Vbd) -> list[str]:
+    """The directories above the device's two directories that creating them will add."""
+    return [p for p in ancestors(vbd) if store.read(p) is None]
 
 
 def remove_if_empty(store: XenStore, paths: list[str]) -> None:
@@ -259,6 +264,22 @@ def remove_if_empty(store: XenStore, paths: list[str]) -> None:
         with contextlib.suppress(XenError):
             if store.read(path) is not None and not store.directory(path):
                 store.rm(path)
+
+
+def tidy(snapshot: XenStoreSnapshot, options: LiveOptions, settle: float = 2.0) -> None:
+    """At the end of a run: remove the empty directories above this run's devices that were not
+    there before it. A backend (QEMU) may still be removing its own nodes: wait for it briefly."""
+    from blkif_spec.live_frontend import BACKEND_TYPE  # the frontend-role vbd's backend type
+
+    vbds = [options.vbd(), toolstack.Vbd(DOM0, DOM0, options.devid, BACKEND_TYPE, options.vdev)]
+    roots = XenStoreSnapshot.ROOTS  # never removed: the snapshot does not say whether they were there
+    ours = [p for vbd in vbds for p in ancestors(vbd) if p not in snapshot.before and p not in roots]
+    deadline = time.monotonic() + settle
+    while True:
+        remove_if_empty(snapshot.store, ours)
+        if not snapshot.diff() or time.monotonic() > deadline:
+            return
+        time.sleep(0.1)
 
 
 class LiveBackendUnderTest(BackendUnderTest):

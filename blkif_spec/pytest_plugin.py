@@ -317,6 +317,9 @@ class _Run:
             return  # xdist worker: the controller writes the report
         self.report.duration_s = time.monotonic() - self.started
         if self.snapshot is not None:
+            from blkif_spec import live
+
+            live.tidy(self.snapshot, self.live)  # parents a driver re-created after a test's own cleanup
             diff = self.snapshot.diff()
             for role, spec in self.specs.items():
                 if spec == "live":

@@ -149,3 +149,17 @@ def test_a_parent_someone_else_uses_is_kept() -> None:
         live.remove_if_empty(store, added)
         assert store.read("/local/domain/0/backend/vbd/0/51712/state") == "4"
         assert store.read("/local/domain/0/device/vbd") is None
+
+
+def test_tidy_removes_parents_left_after_the_run_only() -> None:
+    """A backend that re-creates parents after a test's cleanup: the end of the run removes them,
+    not what was there before the run."""
+    with SimXen() as xen:
+        store = xen.dom0.store
+        store.write("/local/domain/0/backend/vbd/0/51712/state", "4")  # someone else's device
+        snap = live.XenStoreSnapshot(store)
+        store.mkdir("/local/domain/0/backend/qdisk/0")  # what QEMU left behind in the lab
+        options = live.LiveOptions("/dev/loop1", backend_kind="qdisk", vdev="xvdg")
+        live.tidy(snap, options, settle=0.2)
+        assert snap.diff() == []
+        assert store.read("/local/domain/0/backend/vbd/0/51712/state") == "4"
