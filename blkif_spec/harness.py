@@ -229,6 +229,9 @@ class FrontendUnderTest(_UnderTest):
     """A frontend target; the suite's backend is `self.peer`, recording every rule a request broke."""
 
     target_domid = FRONTEND_DOMID
+    #: Whether a target stuck for good can be got rid of (its domain destroyed). A test that may
+    #: leave the target's I/O pending forever needs it; the dom0 kernel's own frontend has not.
+    destroyable = True
 
     def __init__(self, factory: Factory, *, timeout: float = 2.0, size: int = DISK_SIZE,
                  readonly: bool = False, discard: bool = True, backend: BackendConfig | None = None,

@@ -608,6 +608,9 @@ def test_hostile_responses_stop_the_device(frontend_under_test, record_variant, 
     or left pending, and the frontend sends no more notifications or requests.
     """
     env = frontend_under_test(backend=BackendConfig(max_queues=1, max_ring_page_order=0))
+    if not env.destroyable:
+        pytest.skip("a frontend that stops using the device may leave its I/O pending forever (DIV-22), "
+                    "and this target cannot be destroyed: the test would wedge the host")  # fmt: skip
     env.attach()
     be = env.peer
     io, taken = _held_request(env, "read", 0, 8)
