@@ -32,6 +32,7 @@ SECTOR = consts.SECTOR_SIZE
 OKAY, ERROR = int(consts.BlkifRsp.OKAY), int(consts.BlkifRsp.ERROR)
 READ, WRITE = int(consts.BlkifOp.READ), int(consts.BlkifOp.WRITE)
 BLKDISCARD, BLKSECDISCARD = 0x1277, 0x127D  # _IO(0x12, 119), _IO(0x12, 125)
+QUIET_S = 1.0  # no request for this long after attaching: the kernel's own reads are over
 BACKEND_TYPE = "blkif-suite"  # no dom0 driver watches backend/blkif-suite: only the suite serves it
 
 
@@ -164,6 +165,19 @@ class LiveFrontendUnderTest(FrontendUnderTest):
         self.peer = Backend(self._peer_domain, self.vbd.backend_path, self.store, backend or BackendConfig())
         self.peer.start()
         self.target = KernelBlkfront(self.vbd, timeout)
+
+    def attach(self) -> None:
+        """Connected, and then quiet: the kernel reads the new disk's partition table on its own,
+        and a test that takes "the next request" off the ring must not take one of those."""
+        super().attach()
+        self.target._device()  # the block device exists once blkfront added the disk
+        deadline = time.monotonic() + self.timeout
+        seen, since = self.requests_per_queue(), time.monotonic()
+        while time.monotonic() - since < QUIET_S and time.monotonic() < deadline:
+            time.sleep(0.05)
+            now = self.requests_per_queue()
+            if now != seen:
+                seen, since = now, time.monotonic()
 
     def destroy_target(self) -> None:
         """A hung kernel frontend cannot be killed: unbind it from the device instead."""

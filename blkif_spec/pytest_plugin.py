@@ -285,6 +285,10 @@ class _Run:
         return LiveFrontendUnderTest(self.live, **kwargs)
 
     def target_name(self, role: str) -> str:
+        """The name known-failure entries match: the spec, or for live mode `live:vbd`, `live:qdisk`
+        (the backend kind) and `live:blkfront`."""
+        if self.specs[role] == "live" and self.live is not None:
+            return f"live:{self.live.backend_kind}" if role == "backend" else "live:blkfront"
         return self.specs[role]
 
     def reproduce(self, nodeid: str) -> str:
