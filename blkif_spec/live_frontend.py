@@ -113,9 +113,19 @@ class KernelBlkfront:
         return Completion(0, op, OKAY)
 
     def _unbind(self) -> None:
+        """Unbind blkfront from the device, in a child process: if the kernel blocks in it (I/O that
+        will never complete), the child is stuck, not the suite; TargetTimeout says so."""
         node = "/sys/bus/xen/drivers/vbd/unbind"
-        with contextlib.suppress(OSError), open(node, "w") as f:
-            f.write(f"vbd-{self.vbd.devid}")
+        if not os.path.exists(f"/sys/bus/xen/devices/vbd-{self.vbd.devid}/driver"):
+            return
+        script = f"echo vbd-{self.vbd.devid} > {node}"
+        try:
+            subprocess.run(["sh", "-c", script], timeout=self.timeout, capture_output=True)
+        except subprocess.TimeoutExpired:
+            raise TargetTimeout(
+                f"unbinding xen-blkfront from vbd-{self.vbd.devid} blocked in the kernel "
+                f"for {self.timeout:g} s (I/O left pending?)"
+            ) from None
 
     def close(self) -> None:
         """The guest lets go of the disk: unbinding the driver closes the device (SM-25)."""
@@ -171,6 +181,10 @@ class LiveFrontendUnderTest(FrontendUnderTest):
         and a test that takes "the next request" off the ring must not take one of those."""
         super().attach()
         self.target._device()  # the block device exists once blkfront added the disk
+        self._quiet()
+
+    def _quiet(self) -> None:
+        """Wait (bounded) until the suite's backend has seen no new request for QUIET_S."""
         deadline = time.monotonic() + self.timeout
         seen, since = self.requests_per_queue(), time.monotonic()
         while time.monotonic() - since < QUIET_S and time.monotonic() < deadline:
@@ -190,6 +204,11 @@ class LiveFrontendUnderTest(FrontendUnderTest):
             return
         self.closed = True
         try:
+            # Serve whatever the kernel still has in flight (a test may have paused the suite's
+            # backend): Linux removes a disk only once its queue is empty.
+            with contextlib.suppress(XenError):
+                self.peer.resume()
+            self._quiet()
             with contextlib.suppress(XenError, TargetTimeout):
                 self.target.stop()
             self.peer.stop()
