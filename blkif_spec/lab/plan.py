@@ -64,6 +64,16 @@ def live_suite(role: str, target: str, scope: str = "full") -> str:
     return f"python3 -m pytest tests/conformance --blkif-role={role} {target} {LIVE_OPTIONS} {extra}".strip()
 
 
+# bench iops against the live blkback: a smoke test (TCG figures mean little); dom0 has 2 vCPUs, so
+# blkback offers 2 queues.
+BENCH = Job(
+    "bench-iops",
+    "python3 -m blkif_spec.bench iops --backend=live --xen-device=/dev/loop3 "
+    "--xen-vdev=xvdi --seconds 1 --queues 1 2 --json > $LAB_OUT/iops.json",
+    timeout=300,
+)
+
+
 def plan_for(scope: str = "full") -> tuple[Job, ...]:
     """The lab's jobs: the smoke test, the suite against the three real drivers, the recorded trees."""
     if scope not in SCOPES:
@@ -71,7 +81,7 @@ def plan_for(scope: str = "full") -> tuple[Job, ...]:
     limit = 600 if scope == "quick" else 5400
     blkback = "--backend=live --xen-backend-kind=vbd --xen-device=/dev/loop0 --xen-vdev=xvdf"
     qdisk = "--backend=live --xen-backend-kind=qdisk --xen-device=/dev/loop1 --xen-vdev=xvdg"
-    return (
+    jobs = [
         # Proves the pieces from inside dom0: Python deps, XenStore, /dev/xen, xl with blkback and qdisk.
         Job("smoke", "python3 -m blkif_spec.lab.smoke", timeout=180),
         # The live conformance runs against dom0's real drivers, each on its own loop device and
@@ -79,17 +89,12 @@ def plan_for(scope: str = "full") -> tuple[Job, ...]:
         Job("live-blkback", live_suite("backend", blkback, scope), timeout=limit),
         Job("live-qdisk", live_suite("backend", qdisk, scope), timeout=limit),
         Job("live-blkfront", live_suite("frontend", "--frontend=live --xen-vdev=xvdh", scope), timeout=limit),
-        # bench iops against the live blkback: a smoke test here (TCG figures mean little); dom0 has 2
-        # vCPUs, so blkback offers 2 queues.
-        Job(
-            "bench-iops",
-            "python3 -m blkif_spec.bench iops --backend=live --xen-device=/dev/loop3 "
-            "--xen-vdev=xvdi --seconds 1 --queues 1 2 --json > $LAB_OUT/iops.json",
-            timeout=300,
-        ),
         # The trees the real drivers write, recorded as fixtures (xl block-attach + kernel blkfront).
         Job("record", "python3 -m blkif_spec.lab.record --device /dev/loop2 --out $LAB_OUT", timeout=240),
-    )
+    ]
+    if scope == "full":  # not in CI: its last lab run left the rings unanswered (see the closing note)
+        jobs.append(BENCH)
+    return tuple(jobs)
 
 
 DEFAULT_PLAN: tuple[Job, ...] = plan_for("full")

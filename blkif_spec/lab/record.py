@@ -23,7 +23,7 @@ from pathlib import Path
 
 from blkif_spec.drivers import xsutil
 from blkif_spec.xen.live import LiveDomain
-from blkif_spec.xenbus import validate
+from blkif_spec.xenbus.validate import validate
 
 ATTACH_TIMEOUT = 60.0
 
@@ -58,7 +58,7 @@ def record(store, kind: str, vdev: str, device: str, source: str) -> dict:
         backend, frontend = xsutil.read_tree(store, be), xsutil.read_tree(store, fe)
     finally:
         _sh("xl", "block-detach", "0", vdev, timeout=90)
-    findings = validate.validate(frontend, backend)
+    findings = validate(frontend, backend)
     rules = sorted({f.rule for f in findings})
     expect = {"valid": False, "rules": rules} if rules else {"valid": True}
     return {"source": source, "provenance": "recorded", "paths": {"backend": be, "frontend": fe},
