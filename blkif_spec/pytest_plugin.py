@@ -274,6 +274,16 @@ class _Run:
             self.report.targets["frontend"] = {"kind": "live", "name": "Linux xen-blkfront",
                                                "versions": {"linux": os.uname().release}}  # fmt: skip
 
+    def environment(self, role: str, **kwargs: Any) -> Any:
+        """A harness environment for `role`'s target: simulated, or live on this host."""
+        from blkif_spec.harness import BackendUnderTest, FrontendUnderTest
+
+        if self.specs[role] == "live":
+            return self.live_env(role, **kwargs)
+        if role == "backend":
+            return BackendUnderTest(self.factories[role], abi=kwargs.pop("abi", self.abi), **kwargs)
+        return FrontendUnderTest(self.factories[role], **kwargs)
+
     def live_env(self, role: str, **kwargs: Any) -> Any:
         """The live harness of `role`: dom0's blkback/qdisk, or dom0's kernel blkfront."""
         if role == "backend":
@@ -374,12 +384,12 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
             f"timeout={run.timeout:g}s strict={run.strict}"]  # fmt: skip
 
 
-def _factory_fixture(request: pytest.FixtureRequest, role: str, cls: type) -> Iterator[Callable[..., Any]]:
+def _factory_fixture(request: pytest.FixtureRequest, role: str) -> Iterator[Callable[..., Any]]:
     run = _run(request.config)
     made: list[Any] = []
 
     def make(**kwargs: Any) -> Any:
-        env = cls(run.factories[role], timeout=run.timeout, **kwargs)
+        env = run.environment(role, timeout=run.timeout, **kwargs)
         made.append(env)
         return env
 
@@ -397,31 +407,13 @@ def _factory_fixture(request: pytest.FixtureRequest, role: str, cls: type) -> It
 @pytest.fixture
 def backend_under_test(request: pytest.FixtureRequest) -> Iterator[Callable[..., Any]]:
     """`make(**options)` -> a `BackendUnderTest` of `--backend` (closed after the test)."""
-    from blkif_spec.harness import BackendUnderTest
-
-    run = _run(request.config)
-
-    def cls(factory: Any, **kwargs: Any) -> Any:
-        if run.specs["backend"] == "live":
-            return run.live_env("backend", **kwargs)
-        return BackendUnderTest(factory, abi=kwargs.pop("abi", run.abi), **kwargs)
-
-    yield from _factory_fixture(request, "backend", cls)
+    yield from _factory_fixture(request, "backend")
 
 
 @pytest.fixture
 def frontend_under_test(request: pytest.FixtureRequest) -> Iterator[Callable[..., Any]]:
     """`make(**options)` -> a `FrontendUnderTest` of `--frontend` (closed after the test)."""
-    from blkif_spec.harness import FrontendUnderTest
-
-    run = _run(request.config)
-
-    def cls(factory: Any, **kwargs: Any) -> Any:
-        if run.specs["frontend"] == "live":
-            return run.live_env("frontend", **kwargs)
-        return FrontendUnderTest(factory, **kwargs)
-
-    yield from _factory_fixture(request, "frontend", cls)
+    yield from _factory_fixture(request, "frontend")
 
 
 # Module-scoped twins, for one observation that several tests judge (each with its own rules
@@ -432,31 +424,13 @@ def frontend_under_test(request: pytest.FixtureRequest) -> Iterator[Callable[...
 @pytest.fixture(scope="module")
 def shared_backend_under_test(request: pytest.FixtureRequest) -> Iterator[Callable[..., Any]]:
     """Like `backend_under_test`, closed at the end of the module."""
-    from blkif_spec.harness import BackendUnderTest
-
-    run = _run(request.config)
-
-    def cls(factory: Any, **kwargs: Any) -> Any:
-        if run.specs["backend"] == "live":
-            return run.live_env("backend", **kwargs)
-        return BackendUnderTest(factory, abi=kwargs.pop("abi", run.abi), **kwargs)
-
-    yield from _factory_fixture(request, "backend", cls)
+    yield from _factory_fixture(request, "backend")
 
 
 @pytest.fixture(scope="module")
 def shared_frontend_under_test(request: pytest.FixtureRequest) -> Iterator[Callable[..., Any]]:
     """Like `frontend_under_test`, closed at the end of the module."""
-    from blkif_spec.harness import FrontendUnderTest
-
-    run = _run(request.config)
-
-    def cls(factory: Any, **kwargs: Any) -> Any:
-        if run.specs["frontend"] == "live":
-            return run.live_env("frontend", **kwargs)
-        return FrontendUnderTest(factory, **kwargs)
-
-    yield from _factory_fixture(request, "frontend", cls)
+    yield from _factory_fixture(request, "frontend")
 
 
 @pytest.fixture
