@@ -45,9 +45,8 @@ def _wait_connected(store, path: str) -> None:
 
 def record(store, kind: str, vdev: str, device: str, source: str) -> dict:
     """Attach with xl, wait for both sides Connected, read both trees, detach."""
-    spec = f"format=raw,vdev={vdev},access=rw,target={device}"
-    if kind == "qdisk":
-        spec += ",backendtype=qdisk"
+    backend = "backendtype=qdisk," if kind == "qdisk" else ""
+    spec = f"format=raw,vdev={vdev},access=rw,{backend}target={device}"  # target= must come last (xl)
     _sh("xl", "block-attach", "0", spec)
     devid = (202 << 8) | ((ord(vdev[-1]) - ord("a")) << 4)
     fe = f"/local/domain/0/device/vbd/{devid}"
@@ -68,7 +67,9 @@ def record(store, kind: str, vdev: str, device: str, source: str) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python3 -m blkif_spec.lab.record")
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("LAB_OUT", ".")))
-    parser.add_argument("--device", default="/dev/loop2")
+    parser.add_argument("--device", default="/dev/loop2", help="for blkback")
+    parser.add_argument("--qdisk-device", default="/dev/loop3",
+                        help="for qdisk: another device, as blkback may still hold the first")  # fmt: skip
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     if not os.path.isdir("/sys/bus/xen/drivers/vbd"):
@@ -77,14 +78,14 @@ def main(argv: list[str] | None = None) -> int:
     dom = LiveDomain(0, timeout=10.0)
     failed = 0
     try:
-        kinds = [("vbd", "xvdi", f"linux-{release}-blkback")]
+        kinds = [("vbd", "xvdi", f"linux-{release}-blkback", args.device)]
         if dom.store.read("/local/domain/0/image/device-model-pid"):
-            kinds.append(("qdisk", "xvdj", f"qemu-qdisk-linux-{release}"))
-        for kind, vdev, name in kinds:
-            source = (f"{name}: xl block-attach 0 of {args.device} as {vdev} in the lab's dom0, read with "
+            kinds.append(("qdisk", "xvdj", f"qemu-qdisk-linux-{release}", args.qdisk_device))
+        for kind, vdev, name, device in kinds:
+            source = (f"{name}: xl block-attach 0 of {device} as {vdev} in the lab's dom0, read with "
                       f"pyxs once the kernel blkfront and the backend were Connected")  # fmt: skip
             try:
-                doc = record(dom.store, kind, vdev, args.device, source)
+                doc = record(dom.store, kind, vdev, device, source)
             except (RuntimeError, subprocess.TimeoutExpired) as exc:
                 print(f"record {kind}: {exc}", file=sys.stderr)
                 failed += 1
