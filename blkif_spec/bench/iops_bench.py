@@ -267,7 +267,8 @@ class _Run:
         self.others_cpu += max(0.0, busy1 - busy0 - ours)
         for q in range(self.queues):
             self.responses[q] += done1[q] - done0[q]
-            self.worker_cpu[q] += cpu1[q] - cpu0[q]
+        for q, (before, after) in enumerate(zip(cpu0, cpu1, strict=True)):  # none for a live backend
+            self.worker_cpu[q] += after - before
 
     def finish(self) -> dict:
         """Check the disk through the block API, close the pair and report (`measure` checks leaks)."""
@@ -277,6 +278,10 @@ class _Run:
         finally:
             self.close()
         errors = be.errors + [str(v) for v in be.violations] + [str(v) for v in fe.violations]
+        return self._result(data_ok, errors)
+
+    def _result(self, data_ok: bool, errors: list[str]) -> dict:
+        """The figures of this queue count, as `run` prints them."""
         return {
             "queues": self.queues,
             "iops": sum(self.responses) / self.elapsed,
@@ -326,7 +331,7 @@ class _LiveRun(_Run):
         self.notify = fe.evtchn.notify
         self.workers = []  # the backend's kernel threads: their CPU is not ours to read
         self.responses = [0] * queues
-        self.worker_cpu = [0.0] * queues
+        self.worker_cpu = []
         self.elapsed = self.generator_cpu = self.parent_cpu = self.others_cpu = 0.0
 
     def finish(self) -> dict:
@@ -335,20 +340,7 @@ class _LiveRun(_Run):
             data_ok = _data_check(fe, self.queues)
         finally:
             self.close()
-        result = {
-            "queues": self.queues,
-            "iops": sum(self.responses) / self.elapsed,
-            "iops_per_queue": [n / self.elapsed for n in self.responses],
-            "seconds": self.elapsed,
-            "responses": sum(self.responses),
-            "bad_responses": {kind: sum(load.bad[kind] for load in self.loads) for kind in self.loads[0].bad},
-            "data_ok": data_ok,
-            "errors": [str(v) for v in fe.violations],
-            "cpu_s": {"backend_workers": [], "generator": round(self.generator_cpu, 3),
-                      "parent_process": round(self.parent_cpu, 3),
-                      "other_processes": round(self.others_cpu, 3)},
-        }  # fmt: skip
-        return result
+        return self._result(data_ok, [str(v) for v in fe.violations])
 
     def close(self) -> None:
         self.env.close()
