@@ -93,6 +93,15 @@ def holders(device: str) -> list[str]:
     return found
 
 
+KERNEL_BLKFRONT = "/sys/bus/xen/drivers/vbd"  # present while dom0's xen-blkfront is registered
+
+
+def kernel_frontend_attaches() -> bool:
+    """Whether dom0's own xen-blkfront is registered: it attaches to every new `device/vbd/*` of
+    dom0, the very directory a backend-role run writes its frontend into, and would race it."""
+    return os.path.isdir(KERNEL_BLKFRONT)
+
+
 def signature(device: str) -> str | None:
     """The kind of data found on the device, or None when it looks blank."""
     with open(device, "rb") as f:
@@ -104,10 +113,16 @@ def signature(device: str) -> str | None:
 
 
 def check_safe(options: LiveOptions) -> str:
-    """Refuse (LiveRefused) anything but an explicitly named, unused block device in dom0."""
+    """Refuse (LiveRefused) anything but an explicitly named, unused block device in dom0, with
+    the suite as the only frontend that will attach to the test vbd (a backend-role run)."""
     problems = xen_live.preflight()
     if problems:
         raise LiveRefused("live mode needs root in a Xen dom0: " + "; ".join(problems))
+    if kernel_frontend_attaches():
+        raise LiveRefused(
+            f"dom0's xen-blkfront is loaded ({KERNEL_BLKFRONT}): it would attach to the test vbd "
+            f"{options.vbd().frontend_path} and race the suite's frontend; unload it (rmmod xen-blkfront)"
+        )
     if not options.device:
         raise LiveRefused("live mode needs the test device named: --xen-device=/dev/… (it is overwritten)")
     device = os.path.realpath(options.device)

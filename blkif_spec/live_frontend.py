@@ -24,7 +24,15 @@ from blkif_spec.drivers.backend import Backend, BackendConfig
 from blkif_spec.drivers.frontend import Completion
 from blkif_spec.drivers.store import MemoryStore
 from blkif_spec.harness import DISK_SIZE, FrontendUnderTest, TargetTimeout
-from blkif_spec.live import DOM0, LiveHost, LiveOptions, LiveRefused, missing_parents, remove_if_empty
+from blkif_spec.live import (
+    DOM0,
+    LiveHost,
+    LiveOptions,
+    LiveRefused,
+    kernel_frontend_attaches,
+    missing_parents,
+    remove_if_empty,
+)
 from blkif_spec.xen import live as xen_live
 from blkif_spec.xen.api import XenError
 
@@ -34,6 +42,29 @@ READ, WRITE = int(consts.BlkifOp.READ), int(consts.BlkifOp.WRITE)
 BLKDISCARD, BLKSECDISCARD = 0x1277, 0x127D  # _IO(0x12, 119), _IO(0x12, 125)
 QUIET_S = 1.0  # no request for this long after attaching: the kernel's own reads are over
 BACKEND_TYPE = "blkif-suite"  # no dom0 driver watches backend/blkif-suite: only the suite serves it
+
+
+_loaded_by_suite = False  # this process ran modprobe: the run's end unloads it again
+
+
+def unload_blkfront(timeout: float = 30.0) -> str | None:
+    """At the end of a run: unload xen-blkfront if this run loaded it, leaving dom0 as found (a
+    backend-role run after it would otherwise be raced by it). Returns what went wrong, or None."""
+    global _loaded_by_suite
+    if not _loaded_by_suite:
+        return None
+    _loaded_by_suite = False
+    return _modprobe("-r", timeout=timeout)
+
+
+def _modprobe(*flags: str, timeout: float = 30.0) -> str | None:
+    """`modprobe [flags] xen-blkfront`, bounded; what went wrong, or None."""
+    command = ["modprobe", *flags, "xen-blkfront"]
+    try:
+        run = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return f"{' '.join(command)} did not return within {timeout:g} s"
+    return f"{' '.join(command)}: {run.stderr.strip()}" if run.returncode else None
 
 
 class KernelBlkfront:
@@ -50,10 +81,12 @@ class KernelBlkfront:
 
     def start(self) -> None:
         """Load xen-blkfront if needed: it attaches to every `device/vbd/*` it finds."""
-        if not os.path.isdir("/sys/bus/xen/drivers/vbd"):
-            run = subprocess.run(["modprobe", "xen-blkfront"], capture_output=True, text=True, timeout=30)
-            if run.returncode:
-                raise XenError(f"modprobe xen-blkfront: {run.stderr.strip()}")
+        global _loaded_by_suite
+        if not kernel_frontend_attaches():
+            problem = _modprobe()
+            if problem:
+                raise XenError(problem)
+            _loaded_by_suite = True
 
     def _device(self) -> int:
         """The block device, opened O_DIRECT once it exists (blkfront adds it at Connected)."""

@@ -334,6 +334,12 @@ class _Run:
             from blkif_spec import live
 
             live.tidy(self.snapshot, self.live)  # parents a driver re-created after a test's own cleanup
+            if self.specs["frontend"] == "live":
+                from blkif_spec.live_frontend import unload_blkfront
+
+                problem = unload_blkfront()  # loaded by this run: dom0 is left as it was found
+                if problem:
+                    print(f"blkif live: {problem}")
             diff = self.snapshot.diff()
             for role, spec in self.specs.items():
                 if spec == "live":

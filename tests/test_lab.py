@@ -91,6 +91,16 @@ def test_default_plan_has_smoke_running_the_smoke_module() -> None:
     assert mod.CHECKS
 
 
+@pytest.mark.parametrize("scope", plan.SCOPES)
+def test_backend_role_jobs_run_before_the_kernel_blkfront_is_loaded(scope: str) -> None:
+    """dom0's xen-blkfront attaches to every new device/vbd of dom0, so a backend-role job after the
+    blkfront job would be refused (or, before the refusal existed, raced: the bench lost its rings)."""
+    names = [job.name for job in plan.plan_for(scope)]
+    first_blkfront = min(names.index("live-blkfront"), names.index("record"))
+    for name in ("live-blkback", "live-qdisk", "bench-iops"):
+        assert names.index(name) < first_blkfront, f"{scope}: {name} after the kernel blkfront: {names}"
+
+
 @pytest.mark.parametrize("name", ["", "a b", "../x", ".hidden", "x/y", "a" * 65])
 def test_job_names_are_plain_words(name: str) -> None:
     with pytest.raises(ValueError):

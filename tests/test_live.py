@@ -69,6 +69,15 @@ def test_outside_dom0_live_mode_refuses_with_the_reasons(monkeypatch: pytest.Mon
         live.check_safe(live.LiveOptions("/dev/loop0"))
 
 
+def test_a_loaded_kernel_blkfront_is_refused_for_a_backend_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    """dom0's xen-blkfront would attach to device/vbd/<devid> too: the lab's bench once lost its
+    rings to it (512 requests never answered: blkback served the kernel's rings, not ours)."""
+    monkeypatch.setattr(xen_live, "preflight", lambda: [])
+    monkeypatch.setattr(live, "kernel_frontend_attaches", lambda: True)
+    with pytest.raises(live.LiveRefused, match=r"xen-blkfront is loaded .*/local/domain/0/device/vbd/51792"):
+        live.check_safe(live.LiveOptions("/dev/loop0"))
+
+
 @pytest.mark.parametrize(
     ("device", "message"),
     [(None, "needs the test device named"), ("/nonexistent/dev", "No such file"),
@@ -163,3 +172,17 @@ def test_tidy_removes_parents_left_after_the_run_only() -> None:
         live.tidy(snap, options, settle=0.2)
         assert snap.diff() == []
         assert store.read("/local/domain/0/backend/vbd/0/51712/state") == "4"
+
+
+def test_a_failed_ioctl_names_the_request_and_the_known_cause() -> None:
+    """gntalloc's ENOSPC means its global grant limit: the error says which parameter to raise."""
+    import errno
+    import os
+
+    fd = os.open("/dev/null", os.O_RDWR)
+    try:
+        with pytest.raises(xen_live.XenError, match=r"^gntalloc for d0: .+ \(the cause\)$"):
+            xen_live._ioctl(fd, 0x1234, bytearray(8), "gntalloc for d0", {errno.ENOTTY: "the cause"})
+    finally:
+        os.close(fd)
+    assert xen_live.GNTALLOC_LIMIT in xen_live._gntalloc_full()

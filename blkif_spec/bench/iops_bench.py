@@ -214,6 +214,18 @@ def _drain(loads: list[_Load], timeout: float) -> None:
                 time.sleep(0.0005)
 
 
+def _loads(fe: Frontend, queues: int, ring_order: int) -> list[_Load]:
+    """Take each queue's ring from the connected frontend and pre-encode its chunks."""
+    loads = []
+    for q in range(queues):
+        raw = fe.raw_queue(q, raw_size := 32 << ring_order)
+        if raw.ring.req_prod_pvt & (raw_size - 1):
+            raise XenError("raw_queue lent a ring that was already used: chunks would straddle halves")
+        requests, expected = _chunks(raw, seed=q + 1, handle=fe.config.handle)
+        loads.append(_Load(raw, raw.ring.shared.entry_size, raw_size // 2, requests, expected))
+    return loads
+
+
 class _Run:
     """One queue count: a connected pair, its loads, and the sum of its measured slices."""
 
@@ -229,13 +241,7 @@ class _Run:
             wanted = f"{queues} queues, ring order {RING_ORDER}, persistent grants"
             raise XenError(f"negotiated {neg.as_report()}, wanted {wanted}")
         fe = self.pair.frontend
-        self.loads: list[_Load] = []
-        for q in range(queues):
-            raw = fe.raw_queue(q, raw_size := 32 << RING_ORDER)
-            if raw.ring.req_prod_pvt & (raw_size - 1):
-                raise XenError("raw_queue lent a ring that was already used: chunks would straddle halves")
-            requests, expected = _chunks(raw, seed=q + 1, handle=fe.config.handle)
-            self.loads.append(_Load(raw, raw.ring.shared.entry_size, raw_size // 2, requests, expected))
+        self.loads = _loads(fe, queues, RING_ORDER)
         self.notify = fe.xen.evtchn.notify
         self.workers = self.pair.backend.ring_worker_pids
         self.responses = [0] * queues
@@ -323,11 +329,7 @@ class _LiveRun(_Run):
             wanted = f"{queues} queues, persistent grants"
             raise XenError(f"the live backend negotiated {neg.as_report()}: wanted {wanted}")
         fe = self.env.peer
-        self.loads = []
-        for q in range(queues):
-            raw = fe.raw_queue(q, raw_size := 32 << neg.ring_page_order)
-            requests, expected = _chunks(raw, seed=q + 1, handle=fe.config.handle)
-            self.loads.append(_Load(raw, raw.ring.shared.entry_size, raw_size // 2, requests, expected))
+        self.loads = _loads(fe, queues, neg.ring_page_order)
         self.notify = fe.evtchn.notify
         self.workers = []  # the backend's kernel threads: their CPU is not ours to read
         self.responses = [0] * queues

@@ -61,11 +61,26 @@ GNTDEV_GRANT_COPY = _ioc("G", 8, 16)
 GNTCOPY_SOURCE_GREF, GNTCOPY_DEST_GREF = 1, 2
 
 
-def _ioctl(fd: int, request: int, arg: bytearray, what: str) -> int:
+GNTALLOC_LIMIT = "/sys/module/xen_gntalloc/parameters/limit"  # grants gntalloc hands out, all users
+
+
+def _ioctl(fd: int, request: int, arg: bytearray, what: str, hints: dict[int, str] | None = None) -> int:
+    """An ioctl whose failure names what was asked, and why when `hints` knows the errno."""
     try:
         return fcntl.ioctl(fd, request, arg, True)
     except OSError as exc:
-        raise XenError(f"{what}: {os.strerror(exc.errno or errno.EIO)}") from None
+        code = exc.errno or errno.EIO
+        hint = (hints or {}).get(code)
+        raise XenError(f"{what}: {os.strerror(code)}" + (f" ({hint})" if hint else "")) from None
+
+
+def _gntalloc_full() -> str:
+    try:
+        with open(GNTALLOC_LIMIT) as f:
+            limit = f.read().strip()
+    except OSError:
+        limit = "?"
+    return f"gntalloc's limit of {limit} grants is reached: raise {GNTALLOC_LIMIT}"
 
 
 def _open(name: str) -> int:
@@ -254,7 +269,8 @@ class LiveGrantTable:
             args = bytearray(
                 struct.pack("<HHIQI4x", peer, 0 if readonly else GNTALLOC_FLAG_WRITABLE, 1, 0, 0)
             )
-            _ioctl(self._gntalloc(), GNTALLOC_ALLOC_GREF, args, f"gntalloc for d{peer}")
+            full = {errno.ENOSPC: _gntalloc_full()}
+            _ioctl(self._gntalloc(), GNTALLOC_ALLOC_GREF, args, f"gntalloc for d{peer}", full)
             index, gref = struct.unpack_from("<QI", args, 8)
             addr = pages.addr + i * PAGE_SIZE
             keep = bytes(pages.page(i))
