@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from blkif_spec import toolstack
+from blkif_spec.consts import XenbusState
 from blkif_spec.drivers import xsutil
 from blkif_spec.drivers.frontend import Frontend, FrontendConfig
 from blkif_spec.harness import BackendUnderTest, TargetTimeout
@@ -320,6 +321,7 @@ class LiveBackendUnderTest(BackendUnderTest):
         self.target = None
         self.destroyed = False
         self.closed = False
+        self._peer_closed = False
         self.abi = abi
         params = f"aio:{device}" if options.backend_kind == "qdisk" else device
         self._new_dirs = missing_parents(self.dom0, self.vbd)
@@ -365,9 +367,16 @@ class LiveBackendUnderTest(BackendUnderTest):
                 self.xen.close()
 
     def _wait_closed(self) -> None:
-        """libxl's detach: online=0 and Closing, then wait (bounded) for the backend's Closed."""
+        """libxl's detach: online=0 and Closing, then wait (bounded) for the backend's Closed.
+
+        A guest's blkfront answers the backend's Closing by closing; the suite's frontend, if it
+        did not close already (never connected, or gave up on the device), says Closed itself:
+        blkback acts on a detach only when its frontend closes, and a test that skipped before
+        connecting otherwise waited the whole timeout."""
         with contextlib.suppress(XenError):
             toolstack.request_detach(self.dom0, self.vbd)
+            if not self._peer_closed and not self.destroyed:
+                self.dom0.write(f"{self.vbd.frontend_path}/state", str(int(XenbusState.Closed)))
             deadline = time.monotonic() + self.timeout
             while time.monotonic() < deadline:
                 state = self.dom0.read(f"{self.vbd.backend_path}/state")
@@ -376,10 +385,12 @@ class LiveBackendUnderTest(BackendUnderTest):
                 time.sleep(0.02)
 
     def _close_peer(self) -> None:
+        """The suite's frontend closes first if it is connected and still using the device."""
         peer = self.peer
         try:
             if peer.queues and not peer.disabled and not self.destroyed:
                 peer.close()
+                self._peer_closed = True
         except (XenError, TargetTimeout):
             pass
         finally:

@@ -74,7 +74,7 @@ BENCH = Job(
 )
 
 
-def plan_for(scope: str = "full") -> tuple[Job, ...]:
+def plan_for(scope: str = "quick") -> tuple[Job, ...]:
     """The lab's jobs: the smoke test, the suite against the three real drivers, the recorded trees."""
     if scope not in SCOPES:
         raise ValueError(f"scope {scope!r}: one of {', '.join(SCOPES)}")
@@ -96,7 +96,7 @@ def plan_for(scope: str = "full") -> tuple[Job, ...]:
     return tuple(jobs)
 
 
-DEFAULT_PLAN: tuple[Job, ...] = plan_for("full")
+DEFAULT_PLAN: tuple[Job, ...] = plan_for("quick")
 
 
 def select(plan: Sequence[Job], names: Iterable[str] = ()) -> list[Job]:
