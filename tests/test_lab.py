@@ -85,10 +85,12 @@ def test_share_path_with_comma_is_refused(tmp_path: Path) -> None:
 
 def test_default_plan_has_smoke_running_the_smoke_module() -> None:
     smoke = {j.name: j for j in plan.DEFAULT_PLAN}["smoke"]
-    assert smoke.command == "python3 -m blkif_spec.lab.smoke" and smoke.timeout > 0
+    assert smoke.command == "python3 -m blkif_spec.lab.smoke --without-xl" and smoke.timeout > 0
+    assert {j.name: j for j in plan.plan_for("full")}["smoke"].command == "python3 -m blkif_spec.lab.smoke"
     import blkif_spec.lab.smoke as mod  # importing it must not need dom0
 
-    assert mod.CHECKS
+    assert set(mod.XL_CHECKS) < set(mod.CHECKS)
+    assert mod.main(["--bogus"]) == 2
 
 
 @pytest.mark.parametrize("scope", plan.SCOPES)
