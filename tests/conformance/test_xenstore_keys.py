@@ -96,6 +96,13 @@ class Observed(dict):
         return values[0] if len(values) == 1 else values
 
 
+def close_early(env) -> None:
+    """A module-scoped observation closes its environment when it is done, not at the module's end:
+    a live run has one vdev, and the module's later tests each need it."""
+    if env is not None:
+        env.close()
+
+
 def expect_no_findings(findings, what: str, enforcements=BLOCKING) -> None:
     """Fail on the first finding of the given enforcements, with its rule ID; list the others."""
     bad = [f for f in findings if f.enforcement in enforcements]
@@ -148,6 +155,7 @@ def judge_error_node(path: str, error: str | None, record_variant) -> None:
 def startup(shared_backend_under_test) -> Observed:
     """A backend started under dom0 watches on both directories, connected, used, closed."""
     obs = Observed()
+    env = None
     try:
         env = shared_backend_under_test(start=False)
         be_path, fe_path = env.vbd.backend_path, env.vbd.frontend_path
@@ -171,8 +179,10 @@ def startup(shared_backend_under_test) -> Observed:
         obs["frontend_owners"] = {k: env.dom0.get_perms(f"{fe_path}/{k}")[0] for k in env.frontend_tree()}
         obs["frontend_perms"] = env.dom0.get_perms(fe_path)
         obs["domids"] = (env.vbd.frontend_domid, env.vbd.backend_domid)
+        # The guest's writes into the backend's directory (SEC-30). A live run's frontend is dom0
+        # itself, privileged to write anywhere: there is no guest to probe with.
         guest, probes = env.peer.xen.store, {}
-        for key in ("state", "sectors", "conformance-probe"):
+        for key in ("state", "sectors", "conformance-probe") if env.vbd.frontend_domid != 0 else ():
             before = env.dom0.read(f"{be_path}/{key}")
             try:
                 guest.write(f"{be_path}/{key}", "6")
@@ -184,6 +194,8 @@ def startup(shared_backend_under_test) -> Observed:
         obs["guest_writes"] = probes
     except Exception as exc:  # judged by every test that needs what was not observed
         obs.error = exc
+    finally:
+        close_early(env)
     return obs
 
 
@@ -278,18 +290,26 @@ def test_device_properties_before_connected(startup, record_variant) -> None:
 
 
 @pytest.mark.role("backend")
-@pytest.mark.rule("XK-3", "SEC-30")
+@pytest.mark.rule("XK-3")
 def test_backend_writes_only_its_own_directory(startup) -> None:
-    """The backend writes nothing into the frontend's directory (bar XK-3's dom0 exceptions) and
-    leaves its own directory unwritable by the guest (SEC-30)."""
-    writes, owners, perms, probes, (fe_id, be_id) = startup.need(
-        "frontend_writes", "frontend_owners", "frontend_perms", "guest_writes", "domids"
+    """The backend writes nothing into the frontend's directory (bar XK-3's dom0 exceptions)."""
+    writes, owners, perms, (fe_id, be_id) = startup.need(
+        "frontend_writes", "frontend_owners", "frontend_perms", "domids"
     )
     foreign = sorted({k for k, _ in writes if not written_by_frontend(k)} - DOM0_MAY_WRITE)
     expect("XK-3", [], foreign, "frontend-directory writes the suite's frontend did not make")
     alien = {k: p for k, p in owners.items() if p != f"n{fe_id}"}
     expect("XK-3", {}, alien, "frontend nodes not owned by the guest")
     expect("XK-3", [f"n{fe_id}", f"r{be_id}"], perms, "frontend directory permissions")
+
+
+@pytest.mark.role("backend")
+@pytest.mark.rule("SEC-30")
+def test_the_guest_cannot_write_the_backend_directory(startup) -> None:
+    """The backend's directory stays unwritable by the guest: state, properties, new nodes."""
+    probes, (fe_id, _) = startup.need("guest_writes", "domids")
+    if not probes:
+        pytest.skip(f"the frontend is domain {fe_id} (dom0, privileged): no guest to write as")
     for key, seen in probes.items():
         expect("SEC-30", "refused", seen, f"the guest writing {key} in the backend's directory")
 
@@ -364,6 +384,14 @@ def hostile(shared_backend_under_test) -> dict[str, Observed]:
     frontend Initialising, backend InitWait. A case whose recovery fails stops the series."""
     results: dict[str, Observed] = {}
     env = shared_backend_under_test()
+    try:
+        _hostile_series(env, results)
+    finally:
+        close_early(env)
+    return results
+
+
+def _hostile_series(env, results: dict[str, Observed]) -> None:
     stopped = ""
     for name, edit, frontend, _rule in HOSTILE:
         obs = results[name] = Observed()
@@ -393,14 +421,13 @@ def hostile(shared_backend_under_test) -> dict[str, Observed]:
     final = results["final"] = Observed()
     if stopped:
         final.error = RuntimeError(f"not run: the backend did not recover from case {stopped!r}")
-        return results
+        return
     try:
         env.peer.connect()
         check_io(env, "SEC-8", "after every hostile negotiation")
         final["served"] = True
     except Exception as exc:
         final.error = exc
-    return results
 
 
 CASES = [pytest.param(name, id=name, marks=pytest.mark.rule(rule)) for name, _, _, rule in HOSTILE]
@@ -531,6 +558,7 @@ def _exercise(env, rule: str, what: str) -> None:
 def attached(shared_frontend_under_test) -> Observed:
     """A frontend attached under a dom0 watch on its directory, then used (the spec's timing)."""
     obs = Observed()
+    env = None
     try:
         env, watch = _attach_watched(shared_frontend_under_test)
         obs["writes"], obs["order"] = watch.writes, watch.first_writes()
@@ -543,6 +571,8 @@ def attached(shared_frontend_under_test) -> Observed:
         obs["domids"] = (env.vbd.frontend_domid, env.vbd.backend_domid)
     except Exception as exc:
         obs.error = exc
+    finally:
+        close_early(env)
     return obs
 
 
