@@ -84,9 +84,12 @@ def create(store: XenStore, vbd: Vbd, *, readonly: bool = False, discard: bool =
 
 
 def request_detach(store: XenStore, vbd: Vbd) -> None:
-    """SM-20: `online=0` and backend `state=Closing` in one transaction, as libxl does."""
+    """SM-20: `online=0` and backend `state=Closing` in one transaction, as libxl does (never
+    re-creating a directory the backend removed)."""
 
     def write(t) -> None:
+        if t.read(vbd.backend_path) is None:
+            return  # the backend removed its directory (refused the device): nothing to detach
         t.write(f"{vbd.backend_path}/online", "0")
         if t.read(f"{vbd.backend_path}/state") != str(int(XenbusState.Closed)):
             t.write(f"{vbd.backend_path}/state", str(int(XenbusState.Closing)))

@@ -282,6 +282,10 @@ class Frontend:
                 state = self.backend_state()
                 if state in states:
                     return state
+                if state is XenbusState.Unknown and self.xen.store.read(self.backend_path) is None:
+                    # The toolstack made it before the frontend started: the backend removed it,
+                    # refusing the device (QEMU does when it cannot open the disk).
+                    raise XenError(f"waiting for {what}: the backend directory {self.backend_path} is gone")
                 if state in (XenbusState.Closing, XenbusState.Closed) and XenbusState.Connected in states \
                         and XenbusState.InitWait not in states:  # fmt: skip
                     # Waiting for Connected, the backend gave up (SM-29). (Closed while we wait

@@ -395,6 +395,7 @@ def test_duplicate_ids_are_each_answered(connected_backend, slots) -> None:
 
 @pytest.mark.role("backend")
 @pytest.mark.rule("SEC-3.a", "SEC-11")
+@pytest.mark.readonly_vbd
 def test_a_read_only_disk_refuses_every_write(connected_backend, slots) -> None:
     """Writes, discards, flushes with data, indirect writes on a read-only disk: refused, disk untouched."""
     env = connected_backend(readonly=True, frontend={"max_queues": 1})

@@ -225,6 +225,7 @@ def test_keys_at_connected_are_well_formed(startup) -> None:
 
 @pytest.mark.role("backend")
 @pytest.mark.rule("XK-B31", "XK-9")
+@pytest.mark.readonly_vbd
 def test_read_only_disk_is_announced(connected_backend) -> None:
     """A read-only vbd (`mode`=r) is announced with VDISK_READONLY in `info` (XK-B31)."""
     env = connected_backend(readonly=True)

@@ -82,11 +82,14 @@ mark STEP loop-devices
 # QEMU's xen backend (qdisk) as Debian's init script starts it; libxl also wants device-model-pid.
 QEMU_DM=/usr/libexec/xen-qemu-system-i386
 [ -x /usr/local/lib/blkif-lab/qemu ] && QEMU_DM=/usr/local/lib/blkif-lab/qemu
+# Not -daemonize: that sends QEMU's error reports (why a qdisk device was refused) to /dev/null.
 LAB_QDISK=0
-if "$QEMU_DM" -xen-domid 0 -xen-attach -name dom0 -nographic -M xenpv -daemonize \
-        -monitor none -serial none -parallel none -pidfile /run/qemu-dom0.pid; then
-    wait_for /run/qemu-dom0.pid 50 && xenstore-write /local/domain/0/image/device-model-pid \
-        "$(cat /run/qemu-dom0.pid)" && LAB_QDISK=1
+QEMU_LOG=/tmp/qemu-dom0.log
+"$QEMU_DM" -xen-domid 0 -xen-attach -name dom0 -nographic -M xenpv \
+    -monitor none -serial none -parallel none -pidfile /run/qemu-dom0.pid >"$QEMU_LOG" 2>&1 </dev/null &
+if wait_for /run/qemu-dom0.pid 50 && xenstore-write /local/domain/0/image/device-model-pid \
+        "$(cat /run/qemu-dom0.pid)"; then
+    LAB_QDISK=1
 else
     echo "LAB-WARN QEMU's xen backend did not start: qdisk is unavailable"
 fi
@@ -111,6 +114,7 @@ else
 fi
 mark JOBS-END
 cp "$XS_TRACE" "$SHARE/xenstored-trace.log"
+cp "$QEMU_LOG" "$SHARE/qemu-dom0.log"
 dmesg >"$SHARE/dmesg.txt" 2>&1
 xl dmesg >"$SHARE/xen-dmesg.txt" 2>&1
 poweroff_now
