@@ -133,6 +133,7 @@ class Frontend:
         self._queues: list[_Queue] = []
         self._by_port: dict[int, _Queue] = {}
         self._lock = threading.RLock()
+        self._watcher_lock = threading.Lock()  # publishes the backend watcher thread
         self._codecs = codec.codecs(self.config.protocol)
         self._abi = wire.abi(self.config.protocol)
         self._page_frames: list[Pages] = []  # freed at teardown
@@ -204,19 +205,26 @@ class Frontend:
         self.xen.store.transact(publish)
 
     def _start_watcher(self) -> None:
-        """Follow the backend while connected: resize (XK-10) and backend-initiated close (SM-21)."""
+        """Follow the backend while connected: resize (XK-10) and backend-initiated close (SM-21).
+
+        The thread is published only once started: a target's close may stop it from another
+        thread at any moment (joining a thread not yet started raises)."""
         self._stop_watcher()
-        self._watch_stop = threading.Event()
-        self._watcher = threading.Thread(target=self._watch_backend, args=(self._watch_stop,),
-                                         name=f"blkfront-{self.path}", daemon=True)  # fmt: skip
-        self._watcher.start()
+        stop = threading.Event()
+        watcher = threading.Thread(target=self._watch_backend, args=(stop,),
+                                   name=f"blkfront-{self.path}", daemon=True)  # fmt: skip
+        with self._watcher_lock:
+            watcher.start()
+            self._watch_stop, self._watcher = stop, watcher
 
     def _stop_watcher(self) -> None:
-        watcher = getattr(self, "_watcher", None)
+        with self._watcher_lock:
+            watcher, self._watcher = getattr(self, "_watcher", None), None
+            stop = getattr(self, "_watch_stop", None)
+        if stop is not None:
+            stop.set()
         if watcher is not None and watcher is not threading.current_thread():
-            self._watch_stop.set()
             watcher.join(self.config.timeout)
-        self._watcher = None
 
     def _watch_backend(self, stop: threading.Event) -> None:
         try:
