@@ -113,6 +113,7 @@ def pytest_configure(config: pytest.Config) -> None:
         "role(name): the role under test, backend or frontend",
         "needs(*features): features the target must offer, else SKIP with the reason",
         "readonly_vbd: the test gives the backend a read-only vbd (mode=r); run last against a live one",
+        "provokes(*regexes): driver complaints in dmesg the test provokes on purpose (live runs)",
     ):
         config.addinivalue_line("markers", line)
     run = _Run(config)
@@ -246,7 +247,7 @@ class _Run:
             strict=self.strict,
         )  # fmt: skip
         self.started = time.monotonic()
-        self.live = self.snapshot = None
+        self.live = self.snapshot = self.kernel_log = None
         if "live" in self.specs.values():
             self._start_live(config)
 
@@ -271,6 +272,9 @@ class _Run:
         self.timeout = config.getoption("blkif_timeout") or 10.0
         self._snapshot_domain = LiveDomain(timeout=self.timeout)
         self.snapshot = live.XenStoreSnapshot(self._snapshot_domain.store)
+        from blkif_spec.kernel_log import KernelLog
+
+        self.kernel_log = KernelLog()  # the dmesg oracle (conventions §7)
         if self.specs["backend"] == "live":
             versions = live.versions(self.live.backend_kind, self._snapshot_domain.store)
             self.report.targets["backend"] = {"kind": "live", "name": live.KINDS[self.live.backend_kind],
@@ -350,6 +354,7 @@ class _Run:
                 if spec == "live":
                     self.report.targets[role]["xenstore_diff"] = diff
             self._snapshot_domain.close()
+            self.kernel_log.close()
             if diff:  # live mode must leave the host as it found it
                 session.exitstatus = pytest.ExitCode.TESTS_FAILED
                 print("blkif live: XenStore differs after the run:\n  " + "\n  ".join(diff[:40]))
@@ -463,9 +468,35 @@ def record_negotiated(request: pytest.FixtureRequest) -> Callable[[Any], None]:
     return record
 
 
+_SETUP_LINES = pytest.StashKey[list]()
+
+
+def _dmesg_oracle(log: Any, item: pytest.Item, report: pytest.TestReport) -> None:
+    """Judge what the kernel and Xen logged: setup and call together (a module's shared observation
+    runs in its first test's setup), teardown on its own. A passed phase the log condemns fails."""
+    from blkif_spec.kernel_log import judge
+
+    lines = log.read()
+    if report.when == "setup" and report.passed:
+        item.stash[_SETUP_LINES] = lines
+        return
+    if report.when == "call":
+        lines = item.stash.get(_SETUP_LINES, []) + lines
+    provoked = [p for mark in item.iter_markers("provokes") for p in mark.args]
+    found = judge(lines, provoked)
+    if found.lines:
+        report.sections.append((f"kernel log ({report.when})", "\n".join(str(line) for line in found.lines)))
+    if found.failed and report.passed:
+        report.outcome = "failed"
+        report.longrepr = found.message()
+        report.blkif_dmesg = True  # type: ignore[attr-defined]  # _verdict: a fail, not an error
+
+
 def _verdict(item: pytest.Item, call: pytest.CallInfo, report: pytest.TestReport) -> str:
     from blkif_spec.xen.api import XenTimeout
 
+    if getattr(report, "blkif_dmesg", False):
+        return "fail"
     if report.passed:
         return "pass"
     if report.skipped:
@@ -490,9 +521,11 @@ def _verdict(item: pytest.Item, call: pytest.CallInfo, report: pytest.TestReport
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Iterator[None]:
     report: pytest.TestReport = yield
     rules = list(rule_ids(item))
+    run = _run(item.config)
+    if run.kernel_log is not None:
+        _dmesg_oracle(run.kernel_log, item, report)
     if report.when == "call" or (report.when == "setup" and not report.passed) or report.failed:
         verdict = _verdict(item, call, report)
-        run = _run(item.config)
         if verdict in ("fail", "timeout", "error") and rules:
             enforcements = {catalogue.get(r).enforcement for r in rules}
             if verdict == "fail" and enforcements <= {"should", "info", "harness"} and not run.strict:

@@ -213,6 +213,7 @@ def test_discard_up_to_the_last_sector_is_served(connected_backend, slots) -> No
 @pytest.mark.role("backend")
 @pytest.mark.rule("DISC-5", "SEC-3.a")
 @pytest.mark.readonly_vbd
+@pytest.mark.provokes("access denied: DISCARD")
 def test_discard_on_a_read_only_disk_is_refused(backend_under_test, record_negotiated, slots) -> None:
     env = backend_under_test(readonly=True)
     data = pattern(6, 0, 64)

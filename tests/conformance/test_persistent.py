@@ -56,6 +56,7 @@ def test_reused_grants_carry_each_requests_data(connected_backend) -> None:
 
 @pytest.mark.role("backend")
 @pytest.mark.rule("PG-5", "SEC-12")
+@pytest.mark.provokes("trying to add a gref that's already in the tree", "requesting a grant already in use")
 def test_a_gref_used_twice_is_served(connected_backend, slots, record_variant) -> None:
     """One gref twice in a request, and in two requests in flight at once: OKAY, data right."""
     env = connected_backend()

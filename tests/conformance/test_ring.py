@@ -245,6 +245,7 @@ def test_a_full_ring_is_answered(connected_backend, slots, record_variant) -> No
 @pytest.mark.role("backend")
 @pytest.mark.rule("RING-9", "SEC-4", "DIV-21", "RING-8")
 @pytest.mark.parametrize("beyond", [1, 5])
+@pytest.mark.provokes("bogus ring requests")  # Linux blkback halts the ring and says so
 def test_a_producer_jump_past_the_ring_is_contained(connected_backend, slots, record_variant,
                                                      beyond: int) -> None:  # fmt: skip
     """req_prod moved RING_SIZE + `beyond` ahead: halting or serving at most RING_SIZE at a time both pass.
