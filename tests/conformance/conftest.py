@@ -90,6 +90,13 @@ def slots(request: pytest.FixtureRequest) -> SlotFactory:
     return SlotFactory(request.config.getoption("blkif_abi") or consts.X86_64_ABI)
 
 
+#: What Linux blkback logs, on purpose, for the tests that provoke it (the dmesg oracle of live runs,
+#: `@pytest.mark.provokes`): xenbus_dev_fatal()'s "vbd vbd-<fe>-<devid>: <errno> <what>" when it
+#: refuses a negotiation or a state, and its alerts when a gref is in two requests at once, which
+#: the raw-ring tests do (PG-5 allows it; blkback serves it and says so).
+XENBUS_ERROR = r"vbd vbd-\d+-\d+: -?\d+ "
+GREF_REUSE = ("trying to add a gref that's already in the tree", "requesting a grant already in use")
+
 #: Response statuses (OP-6), shared by every module.
 OKAY, ERROR, EOPNOTSUPP = (int(consts.BlkifRsp.OKAY), int(consts.BlkifRsp.ERROR),
                            int(consts.BlkifRsp.EOPNOTSUPP))  # fmt: skip

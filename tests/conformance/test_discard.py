@@ -159,6 +159,7 @@ def test_secure_discard_leaves_nothing_readable(connected_backend, slots, record
 
 @pytest.mark.role("backend")
 @pytest.mark.rule("DISC-5", "SEC-3")
+@pytest.mark.provokes("access denied: DISCARD")
 def test_discard_is_range_checked(connected_backend, slots) -> None:
     """Past the end, or wrapping around 2^64 into the disk: ERROR, and nothing discarded."""
     env = connected_backend()

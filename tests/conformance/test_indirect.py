@@ -24,7 +24,17 @@ from blkif_spec.drivers.backend import BackendConfig
 from blkif_spec.factory import SlotFactory
 from blkif_spec.harness import BackendUnderTest
 from blkif_spec.model import pattern
-from tests.conformance.conftest import EOPNOTSUPP, ERROR, OKAY, RAW_ID, backend_faults, expect, reply, require
+from tests.conformance.conftest import (
+    EOPNOTSUPP,
+    ERROR,
+    GREF_REUSE,
+    OKAY,
+    RAW_ID,
+    backend_faults,
+    expect,
+    reply,
+    require,
+)
 
 READ, WRITE, INDIRECT = int(BlkifOp.READ), int(BlkifOp.WRITE), int(BlkifOp.INDIRECT)
 SECTOR = consts.SECTOR_SIZE
@@ -87,6 +97,7 @@ def disk(env: BackendUnderTest, sector: int, count: int) -> bytes:
 
 @pytest.mark.role("backend")
 @pytest.mark.rule("IND-1", "DIV-4", "IND-6", "OP-4", "DIV-16", "IND-7")
+@pytest.mark.provokes(*GREF_REUSE)
 def test_the_advertised_maximum_is_accepted(connected_backend, slots, record_variant) -> None:
     """nr_segments equal to feature-max-indirect-segments: served, answered with indirect_op (a
     backend writing the key implements op 6, OP-4)."""
@@ -175,6 +186,7 @@ def test_segments_span_indirect_pages(backend_under_test, record_negotiated, slo
 
 @pytest.mark.role("backend")
 @pytest.mark.rule("IND-4")
+@pytest.mark.provokes(*GREF_REUSE)
 def test_unused_indirect_grefs_are_ignored(connected_backend, slots) -> None:
     """indirect_grefs after the pages in use hold junk, a revoked grant, a ring grant: ignored."""
     env = connected_backend()

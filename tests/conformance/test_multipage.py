@@ -31,6 +31,7 @@ from blkif_spec.xen.api import XenError, XenTimeout
 from tests.conformance.conftest import (
     OKAY,
     REFUSED,
+    XENBUS_ERROR,
     attach_judged,
     backend_offer,
     check_read,
@@ -200,6 +201,7 @@ def test_stale_ring_ref0_after_reconnect_is_ignored(backend_under_test, stale: s
 
 @pytest.mark.role("backend")
 @pytest.mark.rule("MPR-3", "SM-29")
+@pytest.mark.provokes(XENBUS_ERROR)
 def test_ring_order_above_the_maximum_is_refused(backend_under_test, record_variant) -> None:
     """Order max+1 with all its 2^(max+1) grants: a fatal negotiation error, the ring never connects."""
     env = backend_under_test()

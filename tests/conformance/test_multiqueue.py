@@ -34,6 +34,7 @@ from blkif_spec.xen.api import XenError, XenTimeout
 from tests.conformance.conftest import (
     OKAY,
     REFUSED,
+    XENBUS_ERROR,
     attach_judged,
     backend_offer,
     check_read,
@@ -230,6 +231,7 @@ def test_interleaved_requests_on_all_queues(backend_under_test) -> None:
 @pytest.mark.role("backend")
 @pytest.mark.rule("MQ-2", "SM-29")
 @pytest.mark.parametrize("count", ["zero", "above-max"])
+@pytest.mark.provokes(XENBUS_ERROR)
 def test_queue_count_outside_the_offer_is_refused(backend_under_test, record_variant, count: str) -> None:
     """multi-queue-num-queues 0, or max+1 with all its queue-N/ rings: refused, never connected."""
     env = backend_under_test()
@@ -270,6 +272,7 @@ def reconnect_flat(env: BackendUnderTest, rule: str) -> None:
 
 @pytest.mark.role("backend")
 @pytest.mark.rule("MQ-3.b", "SM-29")
+@pytest.mark.provokes(XENBUS_ERROR)
 def test_num_queues_one_with_a_queue_0_directory(backend_under_test, record_variant) -> None:
     """ "1" with queue-0/ instead of the flat keys: accepted and served, or refused; never a crash."""
     env = backend_under_test()

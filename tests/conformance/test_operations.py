@@ -23,6 +23,7 @@ from blkif_spec.xen.api import XenTimeout
 from tests.conformance.conftest import (
     EOPNOTSUPP,
     ERROR,
+    GREF_REUSE,
     OKAY,
     RAW_ID,
     backend_faults,
@@ -143,6 +144,7 @@ def test_operations_not_offered(backend_under_test, record_negotiated, slots, re
 
 @pytest.mark.role("backend")
 @pytest.mark.rule("OP-7", "OP-5")
+@pytest.mark.provokes(*GREF_REUSE)
 def test_answers_are_matched_by_id(connected_backend, slots) -> None:
     """Many requests in flight at once with arbitrary 64-bit ids: each answered once, by its id."""
     env = connected_backend()

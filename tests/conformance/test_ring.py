@@ -41,7 +41,7 @@ from blkif_spec.drivers.frontend import DeviceDisabled
 from blkif_spec.errors import RuleViolation
 from blkif_spec.harness import BackendUnderTest, TargetTimeout
 from blkif_spec.ring import need_notify
-from tests.conformance.conftest import EOPNOTSUPP, ERROR, OKAY, exchange, expect
+from tests.conformance.conftest import EOPNOTSUPP, ERROR, GREF_REUSE, OKAY, exchange, expect
 
 READ, WRITE = int(BlkifOp.READ), int(BlkifOp.WRITE)
 M32 = consts.RING_IDX_MASK
@@ -171,6 +171,7 @@ def test_the_backend_notifies_when_asked(connected_backend, slots) -> None:
 
 @pytest.mark.role("backend")
 @pytest.mark.rule("RING-1", "RING-11", "RING-12", "DIV-23", "WIRE-9")
+@pytest.mark.provokes(*GREF_REUSE)
 def test_indices_wrap_past_2_32(connected_backend, slots, record_variant) -> None:
     """A ring starting at 2^32 - 20: 80 requests and a full batch straddle the wrap."""
     start = 2**32 - 20
@@ -222,6 +223,7 @@ def test_indices_wrap_past_2_32(connected_backend, slots, record_variant) -> Non
 
 @pytest.mark.role("backend")
 @pytest.mark.rule("RING-3", "RING-8", "RING-14", "DIV-34", "DIV-31", "WIRE-5")
+@pytest.mark.provokes(*GREF_REUSE)
 def test_a_full_ring_is_answered(connected_backend, slots, record_variant) -> None:
     """RING_SIZE requests (not RING_SIZE - 1, RING-3) in one push: each answered once, ids bit-exact."""
     env = connected_backend(frontend={"max_queues": 1})
@@ -307,6 +309,7 @@ def test_a_producer_jump_past_the_ring_is_contained(connected_backend, slots, re
 
 @pytest.mark.role("backend")
 @pytest.mark.rule("WIRE-5", "DIV-31", "OP-7")
+@pytest.mark.provokes(*GREF_REUSE)
 def test_ids_are_echoed_bit_exactly(connected_backend, slots) -> None:
     """Batches of any 64-bit ids, valid and unknown operations: responses matched by id alone (OP-7)."""
     env = connected_backend(frontend={"max_queues": 1})

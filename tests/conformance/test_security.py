@@ -49,7 +49,7 @@ from blkif_spec.drivers import xsutil
 from blkif_spec.drivers.backend import BackendConfig
 from blkif_spec.harness import FrontendUnderTest, TargetTimeout
 from blkif_spec.xen.api import XenError, XenTimeout
-from tests.conformance.conftest import EOPNOTSUPP, ERROR, OKAY, exchange, expect, require
+from tests.conformance.conftest import EOPNOTSUPP, ERROR, GREF_REUSE, OKAY, exchange, expect, require
 
 STATUSES = (OKAY, ERROR, EOPNOTSUPP)
 READ, WRITE, BARRIER, FLUSH = (int(BlkifOp.READ), int(BlkifOp.WRITE), int(BlkifOp.WRITE_BARRIER),
@@ -384,6 +384,7 @@ def test_hostile_requests_are_answered_once(connected_backend, slots, record_var
 
 @pytest.mark.role("backend")
 @pytest.mark.rule("SEC-11", "WIRE-5")
+@pytest.mark.provokes(*GREF_REUSE)
 def test_duplicate_ids_are_each_answered(connected_backend, slots) -> None:
     """Three requests in flight with one id: three responses carrying it (the backend keeps no id table)."""
     env = connected_backend(frontend={"max_queues": 1})

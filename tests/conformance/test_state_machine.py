@@ -40,7 +40,7 @@ from blkif_spec.errors import RuleViolation
 from blkif_spec.harness import BackendUnderTest, TargetTimeout
 from blkif_spec.xen.api import XenError
 from blkif_spec.xenbus import BackendMachine, FrontendMachine, Phase
-from tests.conformance.conftest import OKAY, expect, released, settle
+from tests.conformance.conftest import OKAY, XENBUS_ERROR, expect, released, settle
 
 UNUSED_STATES = (2, 7, 8, 99)  # InitWait, Reconfiguring, Reconfigured, out of 0..8 (SM-30)
 
@@ -261,6 +261,7 @@ def test_frontend_state_unknown(connected_backend, record_variant) -> None:
 
 @pytest.mark.role("backend")
 @pytest.mark.rule("SM-30")
+@pytest.mark.provokes(XENBUS_ERROR)
 def test_frontend_states_unused_by_blkif(connected_backend, record_variant) -> None:
     """Frontend state 2, 7, 8 or 99 while connected: Closing with an error node (Linux) or ignored;
     never a crash: the backend still closes on Closed, reopens and serves."""
