@@ -103,6 +103,26 @@ def test_backend_role_jobs_run_before_the_kernel_blkfront_is_loaded(scope: str) 
         assert names.index(name) < first_blkfront, f"{scope}: {name} after the kernel blkfront: {names}"
 
 
+@pytest.mark.parametrize("loaded_after", [True, False])
+def test_with_module_reloads_with_parameters_and_puts_it_back(tmp_path: Path, loaded_after: bool) -> None:
+    """The command runs with the module loaded with the parameters; its exit status is kept, and the
+    module is then unloaded (and loaded with its defaults again, when it was loaded before)."""
+    log = tmp_path / "modprobe.log"
+    fake = tmp_path / "bin" / "modprobe"
+    fake.parent.mkdir()
+    fake.write_text(f'#!/bin/sh\necho "$*" >> {log}\n')
+    fake.chmod(0o755)
+    script = plan.with_module("xen-testmod", "a=1 b=2", "echo ran >> " + str(log) + "; exit 7",
+                              loaded_after=loaded_after)  # fmt: skip
+    env = {**os.environ, "PATH": f"{fake.parent}:{os.environ['PATH']}"}
+    run = subprocess.run(["sh", "-c", script], env=env, timeout=30)
+    assert run.returncode == 7
+    want = ["-rq xen-testmod", "xen-testmod a=1 b=2", "ran", "-r xen-testmod"] + (
+        ["xen-testmod"] if loaded_after else []
+    )
+    assert log.read_text().splitlines() == want
+
+
 @pytest.mark.parametrize("name", ["", "a b", "../x", ".hidden", "x/y", "a" * 65])
 def test_job_names_are_plain_words(name: str) -> None:
     with pytest.raises(ValueError):

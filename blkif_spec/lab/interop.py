@@ -21,7 +21,9 @@ from blkif_spec.lab.proc import say
 LIVE_COLUMNS = (
     ("backend", "Linux blkback", "live-blkback"),
     ("backend", "QEMU qdisk", "live-qdisk"),
+    ("backend", "Linux blkback, smallest offer", "live-blkback-min"),
     ("frontend", "Linux blkfront", "live-blkfront"),
+    ("frontend", "Linux blkfront, smallest offer", "live-blkfront-min"),
 )
 REFERENCE_TIMEOUT = 600
 
