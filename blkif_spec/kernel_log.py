@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 FATAL = re.compile(
     r"WARNING:|\bBUG[: ]|\bOops\b|general protection fault|kernel BUG at|Kernel panic|UBSAN:|KASAN:"
     r"|Assertion '.*' failed|FATAL TRAP|Xen BUG at|Xen WARN at|Xen call trace"
+    r"|segfault at"  # a user-space backend (QEMU) crashed
 )
 # The drivers whose complaints are about the protocol under test.
 DRIVERS = re.compile(

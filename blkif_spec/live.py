@@ -298,6 +298,17 @@ def tidy(snapshot: XenStoreSnapshot, options: LiveOptions, settle: float = 2.0) 
         time.sleep(0.1)
 
 
+def qemu_gone(store: XenStore) -> str | None:
+    """Why QEMU's qdisk backend cannot serve (its process is gone: an earlier test may have crashed
+    it), or None. Each later test then fails at once instead of waiting out two timeouts."""
+    pid = (store.read("/local/domain/0/image/device-model-pid") or "").strip()
+    if not pid.isdigit():
+        return "no /local/domain/0/image/device-model-pid: QEMU's qdisk backend is not running in dom0"
+    if not os.path.exists(f"/proc/{pid}"):
+        return f"QEMU's qdisk backend (pid {pid}) is gone: an earlier test crashed it (see its dmesg lines)"
+    return None
+
+
 class LiveBackendUnderTest(BackendUnderTest):
     """`BackendUnderTest` for a real backend: dom0's blkback, or QEMU's qdisk, on `--xen-device`."""
 
@@ -315,6 +326,11 @@ class LiveBackendUnderTest(BackendUnderTest):
         if self.dom0.read(self.vbd.backend_path) is not None or self.dom0.read(self.vbd.frontend_path):
             self.xen.close()
             raise LiveRefused(f"{self.vbd.backend_path} or its frontend exists already: not ours to replace")
+        if options.backend_kind == "qdisk":
+            dead = qemu_gone(self.dom0)
+            if dead:
+                self.xen.close()
+                raise XenError(dead)
         self.store = DeviceStore(device, readonly)
         self.store.zero()
         self.readonly = readonly

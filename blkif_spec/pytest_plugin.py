@@ -112,7 +112,8 @@ def pytest_configure(config: pytest.Config) -> None:
         "rule(*ids): the inventory rule IDs a test checks; levels come from the catalogue",
         "role(name): the role under test, backend or frontend",
         "needs(*features): features the target must offer, else SKIP with the reason",
-        "readonly_vbd: the test gives the backend a read-only vbd (mode=r); run last against a live one",
+        "run_last(reason, order=0): against a live backend this test runs after the others, by order "
+        "(it may leave a real backend unusable)",
         "provokes(*regexes): driver complaints in dmesg the test provokes on purpose (live runs)",
     ):
         config.addinivalue_line("markers", line)
@@ -153,9 +154,14 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         config.hook.pytest_deselected(items=[item for item in items if item not in keep])
         items[:] = keep
     if config.getoption("backend") == "live":
-        # A real backend that refuses a read-only vbd may leave the vdev unusable: QEMU 7.2 does
-        # (its failed device keeps the block node name), so those tests go after all the others.
-        items.sort(key=lambda item: item.get_closest_marker("readonly_vbd") is not None)
+        # Tests that may leave a real backend unusable (QEMU 7.2 after a read-only vbd, or after a
+        # ring near 2^32) go after all the others, so that one finding does not hide the rest.
+        items.sort(key=_run_last_rank)
+
+
+def _run_last_rank(item: pytest.Item) -> tuple[int, int]:
+    mark = item.get_closest_marker("run_last")
+    return (0, 0) if mark is None else (1, int(mark.kwargs.get("order", 0)))
 
 
 # -- the C header under review (layout check, WIRE-1/3/4) --------------------------------------

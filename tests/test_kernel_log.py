@@ -21,7 +21,8 @@ def test_kmsg_records_give_level_and_text() -> None:
     "text",
     ["WARNING: CPU: 1 PID: 77 at drivers/block/xen-blkback/blkback.c:1200 xen_blkbk_map+0x1/0x2",
      "BUG: kernel NULL pointer dereference, address: 0000000000000008",
-     "Oops: 0000 [#1] PREEMPT SMP NOPTI", "(XEN) Assertion 'i < nr' failed at grant_table.c:1234"],
+     "Oops: 0000 [#1] PREEMPT SMP NOPTI", "(XEN) Assertion 'i < nr' failed at grant_table.c:1234",
+     "xen-qemu-system[226]: segfault at 7f9ce326d040 ip 0000561bb808a590 sp 00007f9c9e9f7f70 error 6"],
 )  # fmt: skip
 def test_a_crash_report_fails_even_when_declared(text: str) -> None:
     found = judge([Line("dom0", 6, text)], provoked=[".*"])

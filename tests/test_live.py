@@ -3,6 +3,7 @@ the XenStore snapshot, and the `--backend=live` usage errors."""
 
 from __future__ import annotations
 
+import os
 import struct
 import subprocess
 import sys
@@ -186,3 +187,13 @@ def test_a_failed_ioctl_names_the_request_and_the_known_cause() -> None:
     finally:
         os.close(fd)
     assert xen_live.GNTALLOC_LIMIT in xen_live._gntalloc_full()
+
+
+def test_a_dead_qemu_is_named_before_a_qdisk_test_waits_for_it() -> None:
+    with SimXen() as xen:
+        store = xen.dom0.store
+        assert "not running" in live.qemu_gone(store)
+        store.write("/local/domain/0/image/device-model-pid", "999999999")
+        assert "(pid 999999999) is gone" in live.qemu_gone(store)
+        store.write("/local/domain/0/image/device-model-pid", str(os.getpid()))
+        assert live.qemu_gone(store) is None

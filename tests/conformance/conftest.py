@@ -97,6 +97,16 @@ def slots(request: pytest.FixtureRequest) -> SlotFactory:
 XENBUS_ERROR = r"vbd vbd-\d+-\d+: -?\d+ "
 GREF_REUSE = ("trying to add a gref that's already in the tree", "requesting a grant already in use")
 
+#: Tests that may leave a real backend unusable run after the others against a live one
+#: (`run_last`, in `order`): the QEMU 7.2 crash first, then the read-only vbds, whose refusal
+#: only wedges the vdev, so that each finding hides as little as it can.
+RUN_LAST_RING_NEAR_2_32 = pytest.mark.run_last(
+    "a ring starting near 2^32: QEMU 7.2 starts at 0, serves phantom requests, crashes on close", order=0
+)
+RUN_LAST_READ_ONLY_VBD = pytest.mark.run_last(
+    "a read-only vbd: QEMU 7.2 refuses it, then cannot reuse the vdev (its block node name stays)", order=1
+)
+
 #: Response statuses (OP-6), shared by every module.
 OKAY, ERROR, EOPNOTSUPP = (int(consts.BlkifRsp.OKAY), int(consts.BlkifRsp.ERROR),
                            int(consts.BlkifRsp.EOPNOTSUPP))  # fmt: skip

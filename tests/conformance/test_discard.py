@@ -27,6 +27,7 @@ from tests.conformance.conftest import (
     ERROR,
     OKAY,
     RAW_ID,
+    RUN_LAST_READ_ONLY_VBD,
     backend_faults,
     expect,
     reply,
@@ -213,7 +214,7 @@ def test_discard_up_to_the_last_sector_is_served(connected_backend, slots) -> No
 
 @pytest.mark.role("backend")
 @pytest.mark.rule("DISC-5", "SEC-3.a")
-@pytest.mark.readonly_vbd
+@RUN_LAST_READ_ONLY_VBD
 @pytest.mark.provokes("access denied: DISCARD")
 def test_discard_on_a_read_only_disk_is_refused(backend_under_test, record_negotiated, slots) -> None:
     env = backend_under_test(readonly=True)

@@ -29,6 +29,7 @@ from tests.conformance.conftest import (
     ERROR,
     OKAY,
     RAW_ID,
+    RUN_LAST_READ_ONLY_VBD,
     backend_faults,
     expect,
     reply,
@@ -192,7 +193,7 @@ def test_flush_or_barrier_carrying_segments(connected_backend, slots, record_var
 @pytest.mark.role("backend")
 @pytest.mark.rule("SEC-3.a", "SEC-3.b", "DIV-7")
 @pytest.mark.parametrize("op", [FLUSH, BARRIER], ids=["flush", "barrier"])
-@pytest.mark.readonly_vbd
+@RUN_LAST_READ_ONLY_VBD
 def test_flush_and_barrier_on_a_read_only_disk(connected_backend, slots, record_variant, op: int) -> None:
     """0 segments: OKAY (QEMU FLUSH) or ERROR (Linux), EOPNOTSUPP when not offered (FL-4);
     with a data segment: refused, nothing written (SEC-3.a, must)."""

@@ -49,7 +49,16 @@ from blkif_spec.drivers import xsutil
 from blkif_spec.drivers.backend import BackendConfig
 from blkif_spec.harness import FrontendUnderTest, TargetTimeout
 from blkif_spec.xen.api import XenError, XenTimeout
-from tests.conformance.conftest import EOPNOTSUPP, ERROR, GREF_REUSE, OKAY, exchange, expect, require
+from tests.conformance.conftest import (
+    EOPNOTSUPP,
+    ERROR,
+    GREF_REUSE,
+    OKAY,
+    RUN_LAST_READ_ONLY_VBD,
+    exchange,
+    expect,
+    require,
+)
 
 STATUSES = (OKAY, ERROR, EOPNOTSUPP)
 READ, WRITE, BARRIER, FLUSH = (int(BlkifOp.READ), int(BlkifOp.WRITE), int(BlkifOp.WRITE_BARRIER),
@@ -396,7 +405,7 @@ def test_duplicate_ids_are_each_answered(connected_backend, slots) -> None:
 
 @pytest.mark.role("backend")
 @pytest.mark.rule("SEC-3.a", "SEC-11")
-@pytest.mark.readonly_vbd
+@RUN_LAST_READ_ONLY_VBD
 def test_a_read_only_disk_refuses_every_write(connected_backend, slots) -> None:
     """Writes, discards, flushes with data, indirect writes on a read-only disk: refused, disk untouched."""
     env = connected_backend(readonly=True, frontend={"max_queues": 1})

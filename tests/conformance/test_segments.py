@@ -11,7 +11,7 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from blkif_spec.consts import BlkifOp
-from tests.conformance.conftest import ERROR, OKAY, RAW_ID, answer, expect
+from tests.conformance.conftest import ERROR, OKAY, RAW_ID, RUN_LAST_READ_ONLY_VBD, answer, expect
 
 pytestmark = pytest.mark.role("backend")
 
@@ -107,7 +107,7 @@ def test_zero_segment_read_write(connected_backend, slots, record_variant) -> No
 
 
 @pytest.mark.rule("SEG-8", "SEC-3.a", "DIV-5.b")
-@pytest.mark.readonly_vbd
+@RUN_LAST_READ_ONLY_VBD
 def test_writes_to_a_read_only_disk_fail(connected_backend, slots) -> None:
     env = connected_backend(readonly=True)
     gref = env.peer.raw_grant(b"w" * 4096)[0]

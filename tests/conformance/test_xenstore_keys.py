@@ -38,6 +38,7 @@ from blkif_spec.xenbus import Phase
 from tests.conformance.conftest import (
     OKAY,
     REFUSED,
+    RUN_LAST_READ_ONLY_VBD,
     XENBUS_ERROR,
     backend_offer,
     connect_edited,
@@ -234,7 +235,7 @@ def test_keys_at_connected_are_well_formed(startup) -> None:
 
 @pytest.mark.role("backend")
 @pytest.mark.rule("XK-B31", "XK-9")
-@pytest.mark.readonly_vbd
+@RUN_LAST_READ_ONLY_VBD
 def test_read_only_disk_is_announced(connected_backend) -> None:
     """A read-only vbd (`mode`=r) is announced with VDISK_READONLY in `info` (XK-B31)."""
     env = connected_backend(readonly=True)
