@@ -163,23 +163,39 @@ def _retire(load: _Load, prod: int) -> int:
 
 
 def _classify(load: _Load, chunk: int, first: int, stop: int) -> None:
-    """Count what is wrong in slots [first, stop) of a chunk (the slow path: only when a compare failed)."""
-    rsp = codec.codecs(ABI).response
-    entry, buf = load.entry, load.raw.buf
-    base = SRING_HEADER_SIZE + (chunk % 2) * load.half * entry
+    """Count what is wrong in slots [first, stop) of a chunk (the slow path: only when a compare failed).
+
+    A real backend completes requests out of order, so a slot may answer any request of the
+    chunks that can be in flight (this one, the one before, the one after): its id names the
+    request (`chunk image << 16 | ring slot`), whose operation it must echo. The rest of the slot
+    must still be the bytes the request there left (SEC-5: padding untouched)."""
+    c = codec.codecs(ABI)
+    rsp, req, write_rsp = c.response, c.request_rw, c.response.field_packer("id", "operation", "status")
+    entry, buf, half = load.entry, load.raw.buf, load.half
+    base = SRING_HEADER_SIZE + (chunk % 2) * half * entry
     want = load.expected[chunk % IMAGES]
+    in_flight = {(chunk + d) % IMAGES for d in (-1, 0, 1)}
     for i in range(first, stop):
         got = buf[base + i * entry : base + (i + 1) * entry].tobytes()
-        good = want[i * entry : (i + 1) * entry]
-        if got == good:
+        if got == want[i * entry : (i + 1) * entry]:
             continue
-        g, w = rsp.unpack_from(got), rsp.unpack_from(good)
-        if g[3] != 0:
+        g = rsp.unpack_from(got)
+        rid, op, status = g[0], g[1], g[3]
+        image, slot = rid >> 16, rid & 0xFFFF
+        pos = slot - (image % 2) * half
+        if status != 0:
             load.bad["status"] += 1
-        elif (g[0], g[1]) != (w[0], w[1]):
+        elif (
+            image not in in_flight
+            or not 0 <= pos < half
+            or (req.unpack_from(load.requests[image][pos * entry : (pos + 1) * entry])[0] != op)
+        ):
             load.bad["echo"] += 1
         else:
-            load.bad["padding"] += 1
+            same = bytearray(want[i * entry : (i + 1) * entry])
+            write_rsp(same, 0, rid, op, 0)
+            if bytes(same) != got:
+                load.bad["padding"] += 1
 
 
 def _drive(loads: list[_Load], notify: Callable[[int], None], until: float) -> None:
