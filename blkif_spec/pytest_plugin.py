@@ -479,10 +479,11 @@ _SETUP_LINES = pytest.StashKey[list]()
 
 def _dmesg_oracle(log: Any, item: pytest.Item, report: pytest.TestReport) -> None:
     """Judge what the kernel and Xen logged: setup and call together (a module's shared observation
-    runs in its first test's setup), teardown on its own. A passed phase the log condemns fails."""
+    runs in its first test's setup), teardown on its own, with Xen's console ring of the whole test.
+    A passed phase the log condemns fails."""
     from blkif_spec.kernel_log import judge
 
-    lines = log.read()
+    lines = log.read(xen=report.when == "teardown")
     if report.when == "setup" and report.passed:
         item.stash[_SETUP_LINES] = lines
         return
