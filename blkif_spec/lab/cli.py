@@ -41,7 +41,7 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--cache", type=Path, help="default $BLKIF_LAB_CACHE or ~/.cache/blkif-conformance/lab")
     r.add_argument("--job", action="append", default=[], metavar="NAME", help="run only this job (repeated)")
     r.add_argument("--scope", choices=plan.SCOPES, default="quick",
-                   help="quick (default, CI): a few tests per area; full: all, ~1 h a job")  # fmt: skip
+                   help="quick (default, CI): a few tests per area; full: all, ~20 min a job")  # fmt: skip
     r.add_argument("--no-reference", action="store_true",
                    help="leave the reference columns out of the interop matrix (no host runs)")  # fmt: skip
     return p

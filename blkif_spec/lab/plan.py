@@ -42,7 +42,7 @@ LIVE_OPTIONS = (
 
 
 # The quick scope (CI): a few tests per area, each a whole handshake and I/O, so that a run under
-# TCG stays within minutes; the full scope runs every test of the role (about an hour per job).
+# TCG stays within minutes; the full scope runs every test of the role (15-20 minutes a job).
 QUICK = {
     "backend": ("test_operation_codes", "test_unknown_operations_are_refused_once",
                 "test_answers_carry_indirect_op", "test_requests_outside_the_disk_fail",
