@@ -440,6 +440,7 @@ def test_absent_protocol_means_x86_32_or_native(backend_under_test, record_varia
         with backend_faults(env):
             fe.wait([pending])
     else:  # the suite's frontend spoke x86_32 to a backend reading x86_64: start again in that layout
+        env.close()  # first: a live run has one vdev
         env = backend_under_test(abi=consts.X86_64_ABI)
         connect_without_protocol(env)
     durable_io(env, f"protocol absent, {taken}")
