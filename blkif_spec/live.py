@@ -298,12 +298,15 @@ def tidy(snapshot: XenStoreSnapshot, options: LiveOptions, settle: float = 2.0) 
         time.sleep(0.1)
 
 
+DEVICE_MODEL_PID = "/local/domain/0/image/device-model-pid"  # QEMU serving dom0's qdisk devices
+
+
 def qemu_gone(store: XenStore) -> str | None:
     """Why QEMU's qdisk backend cannot serve (its process is gone: an earlier test may have crashed
     it), or None. Each later test then fails at once instead of waiting out two timeouts."""
-    pid = (store.read("/local/domain/0/image/device-model-pid") or "").strip()
+    pid = (store.read(DEVICE_MODEL_PID) or "").strip()
     if not pid.isdigit():
-        return "no /local/domain/0/image/device-model-pid: QEMU's qdisk backend is not running in dom0"
+        return f"no {DEVICE_MODEL_PID}: QEMU's qdisk backend is not running in dom0"
     if not os.path.exists(f"/proc/{pid}"):
         return f"QEMU's qdisk backend (pid {pid}) is gone: an earlier test crashed it (see its dmesg lines)"
     return None
@@ -418,7 +421,7 @@ def versions(kind: str, store: XenStore) -> dict[str, str]:
     """What the report names as the implementation under test: the dom0 kernel, QEMU's version."""
     found = {"linux": os.uname().release}
     if kind == "qdisk":
-        pid = store.read("/local/domain/0/image/device-model-pid") or ""
+        pid = store.read(DEVICE_MODEL_PID) or ""
         exe = os.path.realpath(f"/proc/{pid.strip()}/exe") if pid.strip() else "qemu-system-i386"
         with contextlib.suppress(OSError, subprocess.SubprocessError):
             out = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=5).stdout

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 from blkif_spec.drivers import xsutil
+from blkif_spec.live import DEVICE_MODEL_PID, kernel_frontend_attaches
 from blkif_spec.xen.live import LiveDomain
 from blkif_spec.xenbus.validate import validate
 
@@ -72,14 +73,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="for qdisk: another device, as blkback may still hold the first")  # fmt: skip
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    if not os.path.isdir("/sys/bus/xen/drivers/vbd"):
+    if not kernel_frontend_attaches():
         _sh("modprobe", "xen-blkfront")
     release = os.uname().release
     dom = LiveDomain(0, timeout=10.0)
     failed = 0
     try:
         kinds = [("vbd", "xvdi", f"linux-{release}-blkback", args.device)]
-        if dom.store.read("/local/domain/0/image/device-model-pid"):
+        if dom.store.read(DEVICE_MODEL_PID):
             kinds.append(("qdisk", "xvdj", f"qemu-qdisk-linux-{release}", args.qdisk_device))
         for kind, vdev, name, device in kinds:
             source = (f"{name}: xl block-attach 0 of {device} as {vdev} in the lab's dom0, read with "
