@@ -20,6 +20,8 @@ import subprocess
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
+from blkif_spec import bounded
+
 # A crash report or kernel warning, in dom0's log or Xen's console ring.
 FATAL = re.compile(
     r"WARNING:|\bBUG[: ]|\bOops\b|general protection fault|kernel BUG at|Kernel panic|UBSAN:|KASAN:"
@@ -114,7 +116,7 @@ class KernelLog:
 
     def _xl_dmesg(self) -> list[str]:
         with contextlib.suppress(OSError, subprocess.SubprocessError):
-            run = subprocess.run(["xl", "dmesg"], capture_output=True, text=True, timeout=self.xl_timeout)
+            run = bounded.run(["xl", "dmesg"], self.xl_timeout)
             return run.stdout.splitlines()
         return []
 

@@ -21,6 +21,7 @@ import sys
 import time
 from pathlib import Path
 
+from blkif_spec import bounded
 from blkif_spec.drivers import xsutil
 from blkif_spec.live import DEVICE_MODEL_PID, kernel_frontend_attaches
 from blkif_spec.xen.live import LiveDomain
@@ -30,7 +31,7 @@ ATTACH_TIMEOUT = 60.0
 
 
 def _sh(*argv: str, timeout: float = 60) -> str:
-    run = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+    run = bounded.run(argv, timeout)
     if run.returncode:
         raise RuntimeError(f"{' '.join(argv)}: rc {run.returncode}: {run.stderr.strip()[-400:]}")
     return run.stdout

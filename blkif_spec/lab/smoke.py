@@ -11,11 +11,12 @@ import importlib
 import importlib.metadata
 import json
 import os
-import subprocess
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+
+from blkif_spec import bounded
 
 XS_SOCKET = "/var/run/xenstored/socket"
 XL_TIMEOUT = 60  # xl block-attach takes ~2.5 s under TCG; a hang (missing /dev/stdin) takes 40 s
@@ -82,7 +83,7 @@ def check_devices() -> str:
 
 def _xl(*args: str) -> float:
     t0 = time.monotonic()
-    proc = subprocess.run(["xl", *args], capture_output=True, text=True, timeout=XL_TIMEOUT)
+    proc = bounded.run(["xl", *args], XL_TIMEOUT)
     assert proc.returncode == 0, f"xl {' '.join(args)}: exit {proc.returncode}: {proc.stderr.strip()}"
     return time.monotonic() - t0
 
@@ -104,7 +105,7 @@ def _attach_detach(kind: str, vdev: str, devid: int, target: str, extra: str = "
             assert got == fe_state, f"frontend state {fe_state}: backend state {got!r}, expected {fe_state}"
         t_detach = _xl("block-detach", "0", vdev)
     except BaseException:
-        subprocess.run(["xl", "block-detach", "-f", "0", vdev], capture_output=True, timeout=XL_TIMEOUT)
+        bounded.run(["xl", "block-detach", "-f", "0", vdev], XL_TIMEOUT)
         raise
     gone = _wait_key(be, lambda v: v is None, timeout=10)
     assert gone is None, f"{be} still there after block-detach"
