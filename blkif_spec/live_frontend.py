@@ -19,7 +19,7 @@ import subprocess
 import time
 from typing import Any
 
-from blkif_spec import consts, toolstack
+from blkif_spec import bounded, consts, toolstack
 from blkif_spec.drivers.backend import Backend, BackendConfig
 from blkif_spec.drivers.frontend import Completion
 from blkif_spec.drivers.store import MemoryStore
@@ -34,7 +34,7 @@ from blkif_spec.live import (
     remove_if_empty,
 )
 from blkif_spec.xen import live as xen_live
-from blkif_spec.xen.api import XenError
+from blkif_spec.xen.api import XenError, XenStore
 
 SECTOR = consts.SECTOR_SIZE
 OKAY, ERROR = int(consts.BlkifRsp.OKAY), int(consts.BlkifRsp.ERROR)
@@ -61,7 +61,7 @@ def _modprobe(*flags: str, timeout: float = 30.0) -> str | None:
     """`modprobe [flags] xen-blkfront`, bounded; what went wrong, or None."""
     command = ["modprobe", *flags, "xen-blkfront"]
     try:
-        run = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+        run = bounded.run(command, timeout)
     except subprocess.TimeoutExpired:
         return f"{' '.join(command)} did not return within {timeout:g} s"
     return f"{' '.join(command)}: {run.stderr.strip()}" if run.returncode else None
@@ -72,21 +72,30 @@ class KernelBlkfront:
 
     name = "Linux xen-blkfront"
 
-    def __init__(self, vbd: toolstack.Vbd, timeout: float) -> None:
+    def __init__(self, vbd: toolstack.Vbd, timeout: float, store: XenStore) -> None:
         self.vbd = vbd
         self.timeout = timeout
+        self.store = store  # dom0's XenStore, as the toolstack
         self.dev = f"/dev/{vbd.dev}"
         self.versions = {"linux": os.uname().release}
         self._fd = -1
 
     def start(self) -> None:
-        """Load xen-blkfront if needed: it attaches to every `device/vbd/*` it finds."""
+        """Load xen-blkfront if needed: it attaches to every `device/vbd/*` it finds. A start after
+        `close()` (which unbound the driver) offers the device again and binds the driver to it."""
         global _loaded_by_suite
         if not kernel_frontend_attaches():
             problem = _modprobe()
             if problem:
                 raise XenError(problem)
             _loaded_by_suite = True
+        elif os.path.exists(self._sysfs) and not os.path.exists(f"{self._sysfs}/driver"):
+            toolstack.renew_frontend(self.store, self.vbd)
+            self._write_sysfs("bind")
+
+    @property
+    def _sysfs(self) -> str:
+        return f"/sys/bus/xen/devices/vbd-{self.vbd.devid}"
 
     def _device(self) -> int:
         """The block device, opened O_DIRECT once it exists (blkfront adds it at Connected)."""
@@ -146,19 +155,22 @@ class KernelBlkfront:
         return Completion(0, op, OKAY)
 
     def _unbind(self) -> None:
-        """Unbind blkfront from the device, in a child process: if the kernel blocks in it (I/O that
-        will never complete), the child is stuck, not the suite; TargetTimeout says so."""
-        node = "/sys/bus/xen/drivers/vbd/unbind"
-        if not os.path.exists(f"/sys/bus/xen/devices/vbd-{self.vbd.devid}/driver"):
-            return
-        script = f"echo vbd-{self.vbd.devid} > {node}"
+        if os.path.exists(f"{self._sysfs}/driver"):
+            self._write_sysfs("unbind")
+
+    def _write_sysfs(self, action: str) -> None:
+        """(Un)bind blkfront and the device, in a child process: if the kernel blocks in it (I/O
+        that will never complete), the child is stuck, not the suite; TargetTimeout says so."""
+        script = f"echo vbd-{self.vbd.devid} > /sys/bus/xen/drivers/vbd/{action}"
         try:
-            subprocess.run(["sh", "-c", script], timeout=self.timeout, capture_output=True)
+            done = bounded.run(["sh", "-c", script], self.timeout)
         except subprocess.TimeoutExpired:
             raise TargetTimeout(
-                f"unbinding xen-blkfront from vbd-{self.vbd.devid} blocked in the kernel "
+                f"{action} of xen-blkfront and vbd-{self.vbd.devid} blocked in the kernel "
                 f"for {self.timeout:g} s (I/O left pending?)"
             ) from None
+        if done.returncode:
+            raise XenError(f"{action} of xen-blkfront and vbd-{self.vbd.devid}: {done.stderr.strip()}")
 
     def close(self) -> None:
         """The guest lets go of the disk: unbinding the driver closes the device (SM-25)."""
@@ -207,7 +219,7 @@ class LiveFrontendUnderTest(FrontendUnderTest):
         self._peer_domain = xen_live.LiveDomain(DOM0, timeout=timeout)
         self.peer = Backend(self._peer_domain, self.vbd.backend_path, self.store, backend or BackendConfig())
         self.peer.start()
-        self.target = KernelBlkfront(self.vbd, timeout)
+        self.target = KernelBlkfront(self.vbd, timeout, self.dom0)
 
     def attach(self) -> None:
         """Connected, and then quiet: the kernel reads the new disk's partition table on its own,

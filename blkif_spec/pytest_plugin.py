@@ -105,6 +105,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                    help="virtual device the suite creates (default xvdf; must not exist)")  # fmt: skip
     live.addoption("--xen-allow-dataloss", action="store_true", dest="xen_allow_dataloss",
                    help="accept a device that is mounted, in use or holds a filesystem")  # fmt: skip
+    live.addoption("--xen-allow-host-crash", action="store_true", dest="xen_allow_host_crash",
+                   help="also run the tests marked host_hazard, which have crashed a real driver in dom0's "
+                        "kernel: only on a disposable host (the lab runs them in its last job)")  # fmt: skip
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -115,6 +118,8 @@ def pytest_configure(config: pytest.Config) -> None:
         "run_last(reason, order=0): against a live backend this test runs after the others, by order "
         "(it may leave a real backend unusable)",
         "provokes(*regexes): driver complaints in dmesg the test provokes on purpose (live runs)",
+        "host_hazard(reason): against a live target this test may crash dom0's kernel; it is skipped "
+        "unless --xen-allow-host-crash, and then runs after all the others",
     ):
         config.addinivalue_line("markers", line)
     run = _Run(config)
@@ -153,13 +158,30 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         keep = [item for item in items if _selected(rule_ids(item), ids)]
         config.hook.pytest_deselected(items=[item for item in items if item not in keep])
         items[:] = keep
-    if config.getoption("backend") == "live":
+    if "live" in (config.getoption("backend"), config.getoption("frontend")):
         # Tests that may leave a real backend unusable (QEMU 7.2 after a read-only vbd, or after a
-        # ring near 2^32) go after all the others, so that one finding does not hide the rest.
+        # ring near 2^32) go after all the others, so that one finding does not hide the rest; tests
+        # that may crash dom0's kernel run only when allowed, and last of all.
+        allowed = config.getoption("xen_allow_host_crash")
+        for item in items:
+            reason = host_hazard_skip(item, allowed)
+            if reason:
+                item.add_marker(pytest.mark.skip(reason=reason))
         items.sort(key=_run_last_rank)
 
 
+def host_hazard_skip(item: pytest.Item, allowed: bool) -> str | None:
+    """Why a live run skips this test (it may crash dom0's kernel and was not allowed to), or None."""
+    mark = item.get_closest_marker("host_hazard")
+    if mark is None or allowed:
+        return None
+    return (f"may crash dom0's kernel ({mark.args[0] if mark.args else 'host_hazard'}); "
+            "run it with --xen-allow-host-crash on a disposable host only")  # fmt: skip
+
+
 def _run_last_rank(item: pytest.Item) -> tuple[int, int]:
+    if item.get_closest_marker("host_hazard") is not None:
+        return (2, 0)
     mark = item.get_closest_marker("run_last")
     return (0, 0) if mark is None else (1, int(mark.kwargs.get("order", 0)))
 
@@ -389,8 +411,13 @@ class _Run:
             if row["verdict"] in ("fail", "timeout", "error", "warn"):
                 tr.write_line(f"{row['verdict'].upper():<8} {row['id']:<10} {row['summary']}")
         targets = [self.target_name(role) for role in ("backend", "frontend")]
-        for entry in self.known:  # an entry for a target this run did not test says nothing
-            if not entry.used and any(fnmatch.fnmatch(t, entry.target) for t in targets):
+        ran = [t for t in self.report.tests if t.verdict != "skip"]
+        for entry in self.known:  # an entry for a target, or tests, this run did not run says nothing
+            if (
+                not entry.used
+                and any(fnmatch.fnmatch(t, entry.target) for t in targets)
+                and any(entry.rule in t.rules and fnmatch.fnmatch(t.nodeid, entry.test) for t in ran)
+            ):
                 tr.write_line(f"known-failures: {entry.rule} accepted but passing: remove the entry")
 
 
@@ -497,7 +524,12 @@ def _dmesg_oracle(log: Any, item: pytest.Item, report: pytest.TestReport) -> Non
     if found.failed and report.passed:
         report.outcome = "failed"
         report.longrepr = found.message()
-        report.blkif_dmesg = True  # type: ignore[attr-defined]  # _verdict: a fail, not an error
+        # _verdict: a fail, not an error; a crash fails whatever the level of the test's rules
+        report.blkif_dmesg = "crash" if found.fatal else "complaint"  # type: ignore[attr-defined]
+    elif found.fatal and report.failed:
+        # A crash outranks what it caused (a timeout, an error in teardown): the verdict is fail.
+        report.sections.append(("dmesg oracle", found.message()))
+        report.blkif_dmesg = "crash"  # type: ignore[attr-defined]
 
 
 def _verdict(item: pytest.Item, call: pytest.CallInfo, report: pytest.TestReport) -> str:
@@ -536,7 +568,8 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Itera
         verdict = _verdict(item, call, report)
         if verdict in ("fail", "timeout", "error") and rules:
             enforcements = {catalogue.get(r).enforcement for r in rules}
-            if verdict == "fail" and enforcements <= {"should", "info", "harness"} and not run.strict:
+            lenient = not run.strict and getattr(report, "blkif_dmesg", None) != "crash"
+            if verdict == "fail" and enforcements <= {"should", "info", "harness"} and lenient:
                 verdict = "warn"
             elif _accepted(run, item, rules):
                 verdict = "known"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from blkif_spec import pytest_plugin
 from blkif_spec.kernel_log import Line, judge, new_console_lines, parse_kmsg
 
 BOGUS = "xen-blkback: Frontend provided bogus ring requests (33 - 0 = 33). Halting ring processing"
@@ -53,3 +54,43 @@ def test_new_console_lines_follow_the_last_read_even_when_the_ring_scrolled() ->
     assert new_console_lines(before, ["x", "y"]) == ["x", "y"]  # turned over entirely
     assert new_console_lines([], ["x"]) == ["x"]
     assert new_console_lines(["d"], ["d", "e", "d", "f"]) == ["f"]  # the last place it appears
+
+
+class _Log:
+    def __init__(self, *lines: Line) -> None:
+        self.lines = list(lines)
+
+    def read(self, xen: bool = True) -> list[Line]:
+        return self.lines
+
+
+class _Item:
+    def __init__(self) -> None:
+        self.stash = pytest.Stash()
+
+    def iter_markers(self, name: str) -> list:
+        return []
+
+
+def _report(outcome: str, when: str = "call") -> pytest.TestReport:
+    longrepr = None if outcome == "passed" else "boom"
+    return pytest.TestReport("t.py::t", ("t.py", 0, "t"), {}, outcome, longrepr, when)
+
+
+OOPS = Line("dom0", 4, "BUG: kernel NULL pointer dereference, address: 0000000000000000")
+COMPLAINT = Line("dom0", 4, "blkfront: xvdh: flush op failed")
+
+
+@pytest.mark.parametrize("outcome", ["passed", "failed"])
+def test_a_crash_in_the_log_makes_the_phase_a_crash_whatever_else_failed(outcome: str) -> None:
+    """A teardown that timed out because the kernel oopsed is judged on the oops (verdict fail)."""
+    report = _report(outcome, "teardown")
+    pytest_plugin._dmesg_oracle(_Log(OOPS), _Item(), report)
+    assert report.failed and report.blkif_dmesg == "crash"
+    assert pytest_plugin._verdict(_Item(), None, report) == "fail"
+
+
+def test_an_undeclared_complaint_is_a_complaint_not_a_crash() -> None:
+    report = _report("passed")
+    pytest_plugin._dmesg_oracle(_Log(COMPLAINT), _Item(), report)
+    assert report.failed and report.blkif_dmesg == "complaint"

@@ -103,6 +103,17 @@ def test_backend_role_jobs_run_before_the_kernel_blkfront_is_loaded(scope: str) 
         assert names.index(name) < first_blkfront, f"{scope}: {name} after the kernel blkfront: {names}"
 
 
+@pytest.mark.parametrize("scope", plan.SCOPES)
+def test_only_the_last_job_may_crash_dom0(scope: str) -> None:
+    """Tests marked host_hazard (a kernel oops in dom0 leaves the host unusable) run only in the full
+    scope's last job, which allows them and selects nothing else."""
+    jobs = plan.plan_for(scope)
+    allowed = [job for job in jobs if "--xen-allow-host-crash" in job.command]
+    assert allowed == ([jobs[-1]] if scope == "full" else []), [job.name for job in allowed]
+    if allowed:
+        assert "-m host_hazard" in allowed[0].command
+
+
 @pytest.mark.parametrize("loaded_after", [True, False])
 def test_with_module_reloads_with_parameters_and_puts_it_back(tmp_path: Path, loaded_after: bool) -> None:
     """The command runs with the module loaded with the parameters; its exit status is kept, and the

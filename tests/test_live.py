@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from blkif_spec import live
+from blkif_spec import live, pytest_plugin
 from blkif_spec.xen import live as xen_live
 from blkif_spec.xen.sim import SimXen
 
@@ -197,3 +197,24 @@ def test_a_dead_qemu_is_named_before_a_qdisk_test_waits_for_it() -> None:
         assert "(pid 999999999) is gone" in live.qemu_gone(store)
         store.write("/local/domain/0/image/device-model-pid", str(os.getpid()))
         assert live.qemu_gone(store) is None
+
+
+class _Marked:
+    """Just enough of a pytest item for the marker logic: its markers by name."""
+
+    def __init__(self, *marks: pytest.MarkDecorator) -> None:
+        self._marks = {m.mark.name: m.mark for m in marks}
+
+    def get_closest_marker(self, name: str):
+        return self._marks.get(name)
+
+
+def test_a_host_hazard_runs_only_when_allowed_and_then_last() -> None:
+    hazard = _Marked(pytest.mark.host_hazard("oopses xenwatch"))
+    reason = pytest_plugin.host_hazard_skip(hazard, allowed=False)
+    assert reason and "oopses xenwatch" in reason and "--xen-allow-host-crash" in reason
+    assert pytest_plugin.host_hazard_skip(hazard, allowed=True) is None
+    assert pytest_plugin.host_hazard_skip(_Marked(), allowed=False) is None
+    plain, late = _Marked(), _Marked(pytest.mark.run_last("wedges qdisk", order=1))
+    ranked = sorted([hazard, late, plain], key=pytest_plugin._run_last_rank)
+    assert ranked == [plain, late, hazard]

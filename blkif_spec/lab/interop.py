@@ -24,6 +24,7 @@ LIVE_COLUMNS = (
     ("backend", "Linux blkback, smallest offer", "live-blkback-min"),
     ("frontend", "Linux blkfront", "live-blkfront"),
     ("frontend", "Linux blkfront, smallest offer", "live-blkfront-min"),
+    ("frontend", "Linux blkfront, tests that may crash dom0", "live-blkfront-hazards"),
 )
 REFERENCE_TIMEOUT = 600
 

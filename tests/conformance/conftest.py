@@ -96,6 +96,9 @@ def slots(request: pytest.FixtureRequest) -> SlotFactory:
 #: the raw-ring tests do (PG-5 allows it; blkback serves it and says so).
 XENBUS_ERROR = r"vbd vbd-\d+-\d+: -?\d+ "
 GREF_REUSE = ("trying to add a gref that's already in the tree", "requesting a grant already in use")
+#: Linux blkfront's warning when the suite's backend answers a flush, barrier or discard EOPNOTSUPP
+#: (OP-3 allows it at any time): it then turns the feature off.
+BLKFRONT_OP_REFUSED = r"blkfront: \S+: (flush|barrier|discard) op failed"
 
 #: Tests that may leave a real backend unusable run after the others against a live one
 #: (`run_last`, in `order`): the QEMU 7.2 crash first, then the read-only vbds, whose refusal
@@ -105,6 +108,12 @@ RUN_LAST_RING_NEAR_2_32 = pytest.mark.run_last(
 )
 RUN_LAST_READ_ONLY_VBD = pytest.mark.run_last(
     "a read-only vbd: QEMU 7.2 refuses it, then cannot reuse the vdev (its block node name stays)", order=1
+)
+
+#: Tests that have crashed a real driver in dom0's kernel (`host_hazard`): skipped against a live
+#: target unless --xen-allow-host-crash, then run last (the lab: in its last job, after `record`).
+HOST_HAZARD_SECTOR_SIZE = pytest.mark.host_hazard(
+    "a 1000-byte sector-size: Linux 6.1 blkfront takes it and dom0's xenwatch oopses scanning partitions"
 )
 
 #: Response statuses (OP-6), shared by every module.
@@ -260,11 +269,12 @@ def attach_judged(env: FrontendUnderTest, rules: dict[str, str]) -> None:
     """
     try:
         env.attach()
-    except TargetTimeout:
-        findings = xenbus.validate(env.frontend_tree(), env.backend_tree(), phase=xenbus.Phase.INITIALISED)
+    except TargetTimeout as exc:
+        fe, be = env.frontend_tree(), env.backend_tree()
+        findings = xenbus.validate(fe, be, phase=xenbus.Phase.INITIALISED)
         for rule, as_rule in rules.items():
             expect_empty(as_rule, [f for f in findings if f.rule == rule], "findings in the frontend's tree")
-        raise
+        raise TargetTimeout(f"{exc}\n  frontend tree: {fe}\n  backend tree: {be}") from None
 
 
 def settle(env: Any, side: str, states: set, within: float | None = None) -> int:

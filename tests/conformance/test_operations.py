@@ -21,6 +21,7 @@ from blkif_spec.drivers.backend import BackendConfig
 from blkif_spec.model import pattern
 from blkif_spec.xen.api import XenTimeout
 from tests.conformance.conftest import (
+    BLKFRONT_OP_REFUSED,
     EOPNOTSUPP,
     ERROR,
     GREF_REUSE,
@@ -202,6 +203,7 @@ def test_frontend_sends_only_offered_operations(frontend_under_test, record_vari
 
 @pytest.mark.role("frontend")
 @pytest.mark.rule("OP-3", "DIV-29")
+@pytest.mark.provokes(BLKFRONT_OP_REFUSED)
 def test_frontend_copes_with_eopnotsupp(frontend_under_test, record_variant) -> None:
     """The suite's backend offers flush-cache, barrier and discard, then answers them EOPNOTSUPP
     (allowed at any time, OP-3): the frontend neither hangs nor gives up the device."""

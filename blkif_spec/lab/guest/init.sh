@@ -20,7 +20,9 @@ wait_for() {   # PATH TENTHS: bounded wait for a file or socket to appear
     [ -e "$1" ]
 }
 poweroff_now() {
-    sync
+    sync & s=$!   # bounded: a device wedged by a host_hazard test can hang sync for good
+    n=0
+    while kill -0 "$s" 2>/dev/null && [ "$n" -lt 300 ]; do sleep 0.1; n=$((n + 1)); done
     mark DONE
     echo o >/proc/sysrq-trigger
     while :; do sleep 60; done
@@ -116,5 +118,5 @@ mark JOBS-END
 cp "$XS_TRACE" "$SHARE/xenstored-trace.log"
 cp "$QEMU_LOG" "$SHARE/qemu-dom0.log"
 dmesg >"$SHARE/dmesg.txt" 2>&1
-xl dmesg >"$SHARE/xen-dmesg.txt" 2>&1
+timeout -k 5 30 xl dmesg >"$SHARE/xen-dmesg.txt" 2>&1
 poweroff_now
