@@ -232,6 +232,9 @@ class FrontendUnderTest(_UnderTest):
     #: Whether a target stuck for good can be got rid of (its domain destroyed). A test that may
     #: leave the target's I/O pending forever needs it; the dom0 kernel's own frontend has not.
     destroyable = True
+    #: Whether the target can be started again after a guest close (`close()`), in the same device
+    #: directory, as a reconnect (SM-26). None when it can; else why not.
+    no_restart: str | None = None
 
     def __init__(self, factory: Factory, *, timeout: float = 2.0, size: int = DISK_SIZE,
                  readonly: bool = False, discard: bool = True, backend: BackendConfig | None = None,

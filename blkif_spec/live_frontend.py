@@ -34,7 +34,7 @@ from blkif_spec.live import (
     remove_if_empty,
 )
 from blkif_spec.xen import live as xen_live
-from blkif_spec.xen.api import XenError, XenStore
+from blkif_spec.xen.api import XenError
 
 SECTOR = consts.SECTOR_SIZE
 OKAY, ERROR = int(consts.BlkifRsp.OKAY), int(consts.BlkifRsp.ERROR)
@@ -72,26 +72,24 @@ class KernelBlkfront:
 
     name = "Linux xen-blkfront"
 
-    def __init__(self, vbd: toolstack.Vbd, timeout: float, store: XenStore) -> None:
+    def __init__(self, vbd: toolstack.Vbd, timeout: float) -> None:
         self.vbd = vbd
         self.timeout = timeout
-        self.store = store  # dom0's XenStore, as the toolstack
         self.dev = f"/dev/{vbd.dev}"
         self.versions = {"linux": os.uname().release}
         self._fd = -1
+        self._closed = False
 
     def start(self) -> None:
-        """Load xen-blkfront if needed: it attaches to every `device/vbd/*` it finds. A start after
-        `close()` (which unbound the driver) offers the device again and binds the driver to it."""
+        """Load xen-blkfront if needed: it attaches to every `device/vbd/*` it finds."""
         global _loaded_by_suite
+        if self._closed:
+            raise XenError(f"vbd-{self.vbd.devid} was closed (unbound): {LiveFrontendUnderTest.no_restart}")
         if not kernel_frontend_attaches():
             problem = _modprobe()
             if problem:
                 raise XenError(problem)
             _loaded_by_suite = True
-        elif os.path.exists(self._sysfs) and not os.path.exists(f"{self._sysfs}/driver"):
-            toolstack.renew_frontend(self.store, self.vbd)
-            self._write_sysfs("bind")
 
     @property
     def _sysfs(self) -> str:
@@ -155,11 +153,12 @@ class KernelBlkfront:
         return Completion(0, op, OKAY)
 
     def _unbind(self) -> None:
+        self._closed = True
         if os.path.exists(f"{self._sysfs}/driver"):
             self._write_sysfs("unbind")
 
     def _write_sysfs(self, action: str) -> None:
-        """(Un)bind blkfront and the device, in a child process: if the kernel blocks in it (I/O
+        """Unbind blkfront from the device, in a child process: if the kernel blocks in it (I/O
         that will never complete), the child is stuck, not the suite; TargetTimeout says so."""
         script = f"echo vbd-{self.vbd.devid} > /sys/bus/xen/drivers/vbd/{action}"
         try:
@@ -194,6 +193,11 @@ class LiveFrontendUnderTest(FrontendUnderTest):
     # Linux leaves I/O on a device it disabled pending (DIV-22) and then cannot remove the device
     # while it is held open: unbinding blocks in the kernel (seen in the lab). Never risk the host.
     destroyable = False
+    no_restart = (
+        "Linux blkfront never reconnects in place after a close: blkback_changed() acts on InitWait only "
+        "while the xenbus device is in Initialising, which only a new device (the toolstack writing the "
+        "directory anew) or a resume gives it; a rebound driver stays put"
+    )
 
     def __init__(self, live: LiveOptions, *, timeout: float = 10.0, size: int = DISK_SIZE,
                  readonly: bool = False, discard: bool = True, backend: BackendConfig | None = None,
@@ -219,7 +223,7 @@ class LiveFrontendUnderTest(FrontendUnderTest):
         self._peer_domain = xen_live.LiveDomain(DOM0, timeout=timeout)
         self.peer = Backend(self._peer_domain, self.vbd.backend_path, self.store, backend or BackendConfig())
         self.peer.start()
-        self.target = KernelBlkfront(self.vbd, timeout, self.dom0)
+        self.target = KernelBlkfront(self.vbd, timeout)
 
     def attach(self) -> None:
         """Connected, and then quiet: the kernel reads the new disk's partition table on its own,

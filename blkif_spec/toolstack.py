@@ -97,13 +97,6 @@ def request_detach(store: XenStore, vbd: Vbd) -> None:
     store.transact(write)
 
 
-def renew_frontend(store: XenStore, vbd: Vbd) -> None:
-    """A closed frontend's device offered again, as when the toolstack adds it: `state` back to
-    Initialising. A driver bound afresh does not write it itself; the backend, Closed with online=1,
-    sees it and returns to InitWait (SM-26)."""
-    store.write(f"{vbd.frontend_path}/state", str(int(XenbusState.Initialising)))
-
-
 def destroy(store: XenStore, vbd: Vbd) -> None:
     """Remove both directories (and the frontend's error node, if a driver wrote one)."""
     paths = [vbd.backend_path, vbd.frontend_path]
