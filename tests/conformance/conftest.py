@@ -39,6 +39,12 @@ def require(env: BackendUnderTest | FrontendUnderTest, *features: str) -> None:
             pytest.skip(f"backend does not advertise {key} ({feature})")
 
 
+def require_restart(env: FrontendUnderTest) -> None:
+    """SKIP with the reason when the frontend cannot be started again after a guest close."""
+    if env.no_restart:
+        pytest.skip(env.no_restart)
+
+
 def expect(rule_id: str, expected: Any, observed: Any, detail: str = "") -> None:
     """Assert with the four-line message of conventions §4: rule and summary, expected, observed."""
     ok = observed in expected if isinstance(expected, (set, frozenset, tuple)) else observed == expected

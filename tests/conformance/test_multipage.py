@@ -39,6 +39,7 @@ from tests.conformance.conftest import (
     expect,
     expect_empty,
     require,
+    require_restart,
 )
 from tests.conformance.conftest import (
     payload as tagged_payload,
@@ -308,8 +309,7 @@ def test_frontend_reconnect_to_another_offer_leaves_no_stale_keys(frontend_under
     first, second = (big, small) if change == "shrink" else (small, big)
     rules = ("MPR-1", "MPR-2", "MQ-2", "MQ-3", "MQ-4")
     env = frontend_under_test(backend=first)
-    if env.no_restart:
-        pytest.skip(env.no_restart)
+    require_restart(env)
     attach_judged(env, {rule: rule for rule in rules})
     sequential_io(env, 4, salt=1)
     env.io("close")

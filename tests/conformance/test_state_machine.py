@@ -40,7 +40,7 @@ from blkif_spec.errors import RuleViolation
 from blkif_spec.harness import BackendUnderTest, TargetTimeout
 from blkif_spec.xen.api import XenError
 from blkif_spec.xenbus import BackendMachine, FrontendMachine, Phase
-from tests.conformance.conftest import OKAY, XENBUS_ERROR, expect, released, settle
+from tests.conformance.conftest import OKAY, XENBUS_ERROR, expect, released, require_restart, settle
 
 UNUSED_STATES = (2, 7, 8, 99)  # InitWait, Reconfiguring, Reconfigured, out of 0..8 (SM-30)
 
@@ -549,6 +549,7 @@ def test_frontend_reattaches_after_close(frontend_under_test) -> None:
     """After a guest close the frontend attaches again (back through Initialising, SM-27) and
     reads the backend's new offer: one queue, one page now (MQ-2, MPR-1, MQ-3); old data is there."""
     env = frontend_under_test(backend=BackendConfig(max_queues=4, max_ring_page_order=2))
+    require_restart(env)
     env.attach()
     kept = pattern(5, 4096)
     expect("SM-27", OKAY, env.io("write", 16, kept).status, "a write before the close")
