@@ -8,7 +8,7 @@ unit-tested without QEMU. This module imports nothing: `smoke.py` runs in dom0.
 
 What a job finds in dom0 (set up by guest/init.sh; jobs run one after the other):
   cwd              /opt/blkif-conformance (the project files, byte-compiled; copied every run)
-  PYTHONPATH       /opt/blkif-conformance:/opt/pydeps (pytest, hypothesis, construct, pyxs)
+  PYTHONPATH       /opt/blkif-conformance:/opt/site-packages (= /opt/pydeps: pytest, hypothesis, pyxs…)
   python3          Debian 12's 3.11
   LAB_OUT          /mnt/host0/<job>: the job's results folder on the host (OUT/<job>)
   LAB_JOB          the job's name

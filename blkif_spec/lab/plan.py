@@ -34,8 +34,8 @@ class Job:
             raise ValueError(f"job {self.name}: timeout must be positive, not {self.timeout}")
 
 
-LIVE_OPTIONS = (  # faulthandler: a test still running after 240 s prints every thread's stack
-    "-p no:cacheprovider -q -rfE --hypothesis-profile=live --blkif-timeout=20 -o faulthandler_timeout=240 "
+LIVE_OPTIONS = (
+    "-p no:cacheprovider -q -rfE --hypothesis-profile=live --blkif-timeout=20 "
     "--known-failures=fixtures/known-failures-live.toml "
     "--junitxml=$LAB_OUT/junit.xml --conformance-report=$LAB_OUT"
 )
