@@ -139,6 +139,11 @@ class _UnderTest:
             self.destroyed = True
             self.xen.destroy_domain(self.target_domid)
 
+    @property
+    def leaks_visible(self) -> bool:
+        """Whether `leaks()` can see what the target holds (not on a live host)."""
+        return bool(getattr(self.xen, "leaks_visible", True))
+
     def leaks(self) -> dict[str, list[int]]:
         return self.xen.leaks(self.target_domid)
 

@@ -218,3 +218,10 @@ def test_a_host_hazard_runs_only_when_allowed_and_then_last() -> None:
     plain, late = _Marked(), _Marked(pytest.mark.run_last("wedges qdisk", order=1))
     ranked = sorted([hazard, late, plain], key=pytest_plugin._run_last_rank)
     assert ranked == [plain, late, hazard]
+
+
+def test_leak_checks_know_when_they_cannot_see() -> None:
+    """A live host cannot show a real driver's grants, mappings or ports: its empty `leaks()` must
+    not pass for "nothing held" (the leak-only tests skip on it, conftest.require_leaks_visible)."""
+    assert live.LiveHost.leaks_visible is False
+    assert SimXen.leaks_visible is True

@@ -46,6 +46,7 @@ class SimXen:
     """The simulated host. Use as a context manager; `close()` stops everything it started."""
 
     nr_frames: int = 16384
+    leaks_visible = True  # `leaks()` sees every domain's grants, mappings and ports
     timeout: float = 2.0
     record_grants: bool = False
     domains: dict[int, SimDomain] = field(default_factory=dict)

@@ -39,6 +39,12 @@ def require(env: BackendUnderTest | FrontendUnderTest, *features: str) -> None:
             pytest.skip(f"backend does not advertise {key} ({feature})")
 
 
+def require_leaks_visible(env: BackendUnderTest | FrontendUnderTest) -> None:
+    """SKIP a test whose point is what the target still holds, where that cannot be seen."""
+    if not env.leaks_visible:
+        pytest.skip("a live target's grant mappings and ports are not visible from dom0's user space")
+
+
 def require_restart(env: FrontendUnderTest) -> None:
     """SKIP with the reason when the frontend cannot be started again after a guest close."""
     if env.no_restart:

@@ -29,6 +29,7 @@ from tests.conformance.conftest import (
     replies,
     reply,
     require,
+    require_leaks_visible,
 )
 
 READ, WRITE = int(BlkifOp.READ), int(BlkifOp.WRITE)
@@ -120,6 +121,7 @@ def test_persistent_mappings_are_freed_on_close(connected_backend) -> None:
     mapping and no port (SEC-12: all freed on disconnect)."""
     env = connected_backend()
     require(env, "persistent")
+    require_leaks_visible(env)
     with backend_faults(env):
         for q in range(env.peer.queues):
             for i in range(8):

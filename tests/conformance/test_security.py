@@ -59,6 +59,7 @@ from tests.conformance.conftest import (
     exchange,
     expect,
     require,
+    require_leaks_visible,
 )
 
 STATUSES = (OKAY, ERROR, EOPNOTSUPP)
@@ -538,6 +539,7 @@ def test_persistent_grants_are_freed_on_disconnect(backend_under_test, record_ne
     """Data grants the backend kept mapped (PG-3) are all unmapped when the frontend closes."""
     env = backend_under_test()
     require(env, "persistent")
+    require_leaks_visible(env)
     negotiated = env.connect(persistent=True)
     record_negotiated(negotiated)
     if not negotiated.persistent:
@@ -860,5 +862,8 @@ def test_the_frontend_leaves_nothing_behind(frontend_under_test, record_variant)
     env.io("close")
     state = env.wait_state("frontend", {XenbusState.Closed}, "frontend Closed after close (SM-25)")
     record_variant("SM-25", f"guest close ends in {state.name}")
-    expect("SEC-23", {}, settled_leaks(env), "what the frontend domain still holds after close")
+    if env.leaks_visible:
+        expect("SEC-23", {}, settled_leaks(env), "what the frontend domain still holds after close")
+    else:
+        record_variant("SEC-23", "grants and ports not checked: not visible from dom0's user space")
     expect("SEC-23", [], left_behind(env, before), "XenStore nodes it created outside the device directories")
