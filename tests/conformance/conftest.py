@@ -45,6 +45,14 @@ def require_leaks_visible(env: BackendUnderTest | FrontendUnderTest) -> None:
         pytest.skip("a live target's grant mappings and ports are not visible from dom0's user space")
 
 
+def require_destroyable(env: FrontendUnderTest) -> None:
+    """SKIP a test that may make the frontend stop using the device with I/O pending (DIV-22) when
+    the target cannot be destroyed (the dom0 kernel's blkfront): it would wedge the host."""
+    if not env.destroyable:
+        pytest.skip("a frontend that stops using the device may leave its I/O pending forever (DIV-22), "
+                    "and this target cannot be destroyed: the test would wedge the host")  # fmt: skip
+
+
 def require_restart(env: FrontendUnderTest) -> None:
     """SKIP with the reason when the frontend cannot be started again after a guest close."""
     if env.no_restart:
