@@ -91,10 +91,6 @@ class KernelBlkfront:
                 raise XenError(problem)
             _loaded_by_suite = True
 
-    @property
-    def _sysfs(self) -> str:
-        return f"/sys/bus/xen/devices/vbd-{self.vbd.devid}"
-
     def _device(self) -> int:
         """The block device, opened O_DIRECT once it exists (blkfront adds it at Connected)."""
         if self._fd < 0:
@@ -153,23 +149,21 @@ class KernelBlkfront:
         return Completion(0, op, OKAY)
 
     def _unbind(self) -> None:
-        self._closed = True
-        if os.path.exists(f"{self._sysfs}/driver"):
-            self._write_sysfs("unbind")
-
-    def _write_sysfs(self, action: str) -> None:
         """Unbind blkfront from the device, in a child process: if the kernel blocks in it (I/O
         that will never complete), the child is stuck, not the suite; TargetTimeout says so."""
-        script = f"echo vbd-{self.vbd.devid} > /sys/bus/xen/drivers/vbd/{action}"
+        self._closed = True
+        if not os.path.exists(f"/sys/bus/xen/devices/vbd-{self.vbd.devid}/driver"):
+            return
+        script = f"echo vbd-{self.vbd.devid} > /sys/bus/xen/drivers/vbd/unbind"
         try:
             done = bounded.run(["sh", "-c", script], self.timeout)
         except subprocess.TimeoutExpired:
             raise TargetTimeout(
-                f"{action} of xen-blkfront and vbd-{self.vbd.devid} blocked in the kernel "
+                f"unbinding xen-blkfront from vbd-{self.vbd.devid} blocked in the kernel "
                 f"for {self.timeout:g} s (I/O left pending?)"
             ) from None
         if done.returncode:
-            raise XenError(f"{action} of xen-blkfront and vbd-{self.vbd.devid}: {done.stderr.strip()}")
+            raise XenError(f"unbinding xen-blkfront from vbd-{self.vbd.devid}: {done.stderr.strip()}")
 
     def close(self) -> None:
         """The guest lets go of the disk: unbinding the driver closes the device (SM-25)."""
